@@ -1,0 +1,148 @@
+"""One pipeline stage: a contiguous shard of decoder layers that captures as it runs.
+
+`StageActor` is a plain class (Ray wraps it in `cluster/pipeline.py`): it loads its
+layers in `__init__` and exposes one verb, `forward(micro_batch)`, which runs the
+layers, hands the captured layer-norm outputs to a background writer and returns
+the micro-batch with its new hidden states for the next stage.
+
+Each stage rebuilds what its layers need from the micro-batch alone: position ids,
+the 4-D attention mask (from the 2-D padding mask, which travels with the batch)
+and the rotary embeddings (the rotary module holds no weights). This reproduces
+the model's own forward bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.capture import Capture
+from actors.shard import ShardSpec, load_shard
+from actors.writer import ActivationWriter, BackgroundWriter, MicroBatch
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything one stage needs, and nothing else."""
+
+    index: int
+    shard: ShardSpec
+    output: str                  # run directory (path or filesystem URI)
+    device: str = "auto"         # auto: the GPU Ray gave us, else the CPU
+    write_depth: int = 2         # micro-batches queued for the writer before forward blocks
+    num_threads: int | None = None  # torch CPU threads; None leaves torch's default
+    last: bool = False           # the last stage passes no hidden states on
+    faults: dict = field(default_factory=dict)  # test-only fault injection
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def mask_kind(config, layer: int) -> str:
+    """Attention kind of one layer: per-layer `layer_types`, else the model-wide window."""
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return kinds[layer]
+    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+
+def attention_masks(config, hidden, attention_mask, position_ids, kinds) -> dict:
+    """The 4-D masks the model itself would build, one per attention kind in use."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    build = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    return {
+        kind: build[kind](
+            config=config, inputs_embeds=hidden, attention_mask=attention_mask,
+            cache=None, position_ids=position_ids,
+        )
+        for kind in set(kinds)
+    }
+
+
+class StageActor:
+    """Layers [a, b) of the model, capturing `ln_attn` and `ln_mlp` of each."""
+
+    def __init__(self, spec: StageSpec):
+        started = time.perf_counter()
+        if spec.num_threads:
+            torch.set_num_threads(spec.num_threads)
+        self.spec = spec
+        self.device = pick_device(spec.device)
+        self.model = load_shard(spec.shard, self.device)
+        self.config = self.model.config
+        self.first = spec.shard.layers.start == 0
+        self.layers = {i: self.model.model.layers[i] for i in spec.shard.layers}
+        self.kinds = {i: mask_kind(self.config, i) for i in self.layers}
+        self.capture = Capture(self.layers)
+        self.writer = BackgroundWriter(ActivationWriter(spec.output), depth=spec.write_depth)
+        self.load_s = time.perf_counter() - started
+        self.busy_s = 0.0
+        self.tokens = 0
+
+    @torch.inference_mode()
+    def run_layers(self, batch: MicroBatch) -> torch.Tensor:
+        """Hidden states after this stage's layers # [batch, seq, hidden]."""
+        ids = batch.input_ids.to(self.device)
+        mask = batch.attention_mask.to(self.device)
+        if self.first:
+            hidden = self.model.model.embed_tokens(ids)
+        else:
+            hidden = batch.hidden.to(self.device)
+        position_ids = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)  # [1, seq]
+        masks = attention_masks(self.config, hidden, mask, position_ids, self.kinds.values())
+        rotary = self.model.model.rotary_emb(hidden, position_ids=position_ids)
+        for index, layer in self.layers.items():
+            hidden = layer(
+                hidden, attention_mask=masks[self.kinds[index]],
+                position_ids=position_ids, position_embeddings=rotary,
+            )
+            if isinstance(hidden, tuple):  # older layer classes return (hidden, ...)
+                hidden = hidden[0]
+        return hidden
+
+    def forward(self, batch: MicroBatch) -> tuple[MicroBatch, list[int]]:
+        """Run one micro-batch; returns it for the next stage, and micro-batches now committed."""
+        started = time.perf_counter()
+        self._inject(batch.index)
+        hidden = self.run_layers(batch)
+        self.writer.submit(batch, self.capture.pop())
+        # NOTE: the one device-to-host copy of the hidden states; the last stage skips it.
+        onward = None if self.spec.last else hidden.cpu()
+        out = MicroBatch(batch.index, batch.seqs, batch.input_ids, batch.attention_mask, onward)
+        self.busy_s += time.perf_counter() - started
+        self.tokens += int(batch.attention_mask.sum())
+        return out, self.writer.committed()
+
+    def flush(self) -> list[int]:
+        """Block until every submitted micro-batch is written; returns those not yet reported."""
+        return self.writer.flush()
+
+    def info(self) -> dict:
+        """Where this stage runs and what it holds, for the stored plan."""
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return {
+            "stage": self.spec.index,
+            "layers": [self.spec.shard.layers.start, self.spec.shard.layers.stop],
+            "node": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "param_bytes": params,
+            "load_s": round(self.load_s, 3),
+        }
+
+    def stats(self) -> dict:
+        return {"busy_s": self.busy_s, "tokens": self.tokens, "bytes_written": self.writer.writer.bytes_written}
+
+    def _inject(self, index: int) -> None:
+        """Test-only faults, keyed by micro-batch index (see tests/test_faults.py)."""
+        if self.spec.faults.get("kill_at") == index:
+            os._exit(1)

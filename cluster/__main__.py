@@ -1,0 +1,83 @@
+"""Command line: `python -m cluster run CONFIG [flags]`.
+
+Joins the Ray cluster named by RAY_ADDRESS (or the one running on this machine),
+else starts a local one. Problems with the input end in one line on stderr and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+FLAGS = {  # flag -> config key it sets
+    "model": "model.path",
+    "data": "data.source",
+    "num_sequences": "data.num_sequences",
+    "seq_len": "data.seq_len",
+    "stages": "pipeline.num_stages",
+    "output": "storage.output",
+}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cluster", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="extract activations and find outlier features")
+    run.add_argument("config", help="YAML file, e.g. configs/tiny_moe.yaml")
+    run.add_argument("--model", help="HF id or local checkpoint dir (model.path)")
+    run.add_argument("--data", help="'stdlib', a local .txt/.jsonl/.json/.parquet, or an HF dataset id")
+    run.add_argument("--num-sequences", type=int, help="data.num_sequences")
+    run.add_argument("--seq-len", type=int, help="data.seq_len")
+    run.add_argument("--stages", type=int, help="pipeline.num_stages")
+    run.add_argument("--output", help="run directory or URI (storage.output)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="any config key, e.g. --set pipeline.micro_batch_size=2 (repeatable)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --output")
+    return parser.parse_args(argv)
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """Flags as `key=value` overrides, applied before --set ones."""
+    import json
+
+    given = [
+        f"{key}={json.dumps(getattr(args, flag))}"
+        for flag, key in FLAGS.items() if getattr(args, flag) is not None
+    ]
+    return given + args.set
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from actors.shard import ModelLoadError
+    from cluster.config import ConfigError
+    from cluster.data import DataError
+    from cluster.placement import PlacementError
+    from cluster.plan import PlanError
+    from cluster.run import RunError
+
+    return ConfigError, ModelLoadError, DataError, PlacementError, PlanError, RunError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from analysis.report import feature_table
+    from cluster.config import load_config
+    from cluster.run import execute
+
+    try:
+        config = load_config(args.config, overrides(args))
+        result = execute(config, resume=args.resume)
+    except user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    record = result["record"]
+    print(feature_table(result["summary"]["outlier_features"]))
+    timings = ", ".join(f"{k} {v:.1f}" for k, v in record["timings"].items())
+    print(f"\n{record['tokens']} tokens x {record['num_layers']} layers; timings (s): {timings}")
+    print(f"run: {config.storage.output}  (report.md, analysis/summary.json, run.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

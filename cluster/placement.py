@@ -1,0 +1,93 @@
+"""Joining or starting a Ray cluster, and reserving one bundle per pipeline stage.
+
+One bundle per stage: `{"GPU": 1, "CPU": c}` where the cluster has GPUs, else
+`{"CPU": c}` (stages then run on CPU tensors). We check the cluster's resources
+before asking, and wait for the placement group with a timeout, so a plan the
+cluster cannot fit fails with a message instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot host the planned stages; the message lists its resources."""
+
+
+def connect(num_cpus: int | None = None) -> str:
+    """Join the cluster named by RAY_ADDRESS or the one running here, else start one.
+
+    Returns how we got it ("joined" or "started"); a locally started cluster gets
+    at least 2 CPUs so a stage and the driver's helpers can coexist.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return "joined"
+    quiet = {"log_to_driver": True, "logging_level": "WARNING"}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
+        return "joined"
+    try:
+        ray.init(address="auto", **quiet)
+        return "joined"
+    except ConnectionError:
+        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 1), **quiet)
+        return "started"
+
+
+def describe_resources(total: dict) -> str:
+    gpus = int(total.get("GPU", 0))
+    cpus = total.get("CPU", 0)
+    nodes = sum(1 for key in total if key.startswith("node:") and not key.startswith("node:__"))
+    return f"{gpus} GPUs (CPU: {cpus:g}, nodes: {nodes})"
+
+
+def stage_bundles(num_stages: int, cpus_per_stage: float, device: str) -> list[dict]:
+    """One resource bundle per stage; GPU bundles unless the run is CPU-only."""
+    import ray
+
+    total = ray.cluster_resources()
+    use_gpu = device != "cpu" and total.get("GPU", 0) > 0
+    if device == "cuda" and not use_gpu:
+        raise PlacementError(
+            f"pipeline.device=cuda but the cluster has {describe_resources(total)}. "
+            "Use pipeline.device=auto or cpu, or join a cluster with GPUs."
+        )
+    bundle = {"GPU": 1, "CPU": cpus_per_stage} if use_gpu else {"CPU": cpus_per_stage}
+    for resource, need in bundle.items():
+        have = total.get(resource, 0)
+        if have < need * num_stages:
+            raise PlacementError(
+                f"pipeline.num_stages={num_stages} needs {need * num_stages:g} {resource} "
+                f"but the cluster has {describe_resources(total)}. "
+                "Lower pipeline.num_stages (or pipeline.cpus_per_stage), or add nodes."
+            )
+    return [dict(bundle) for _ in range(num_stages)]
+
+
+def reserve(bundles: list[dict], timeout_s: float, strategy: str = "PACK"):
+    """A ready placement group for `bundles`, or PlacementError after `timeout_s`."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group(bundles, strategy=strategy)
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise PlacementError(
+            f"the cluster could not fit {len(bundles)} stage bundles {bundles[0]} with strategy "
+            f"{strategy} within {timeout_s:g} s; it has {describe_resources(ray.cluster_resources())}, "
+            f"available now: {describe_resources(ray.available_resources())}. "
+            "Free resources, lower pipeline.num_stages, or add nodes."
+        )
+    return group
+
+
+def bundle_nodes(group) -> list[str]:
+    """Node id of each bundle, in bundle order."""
+    from ray.util.placement_group import placement_group_table
+
+    table = placement_group_table(group)
+    return [table["bundles_to_node_id"][i] for i in range(len(table["bundles"]))]

@@ -1,0 +1,220 @@
+"""One extraction run, start to finish: prepare, plan, place, extract, analyse, record.
+
+`RUN/run.json` is the run's ledger. It is rewritten atomically after every
+micro-batch that all stages have written, so a run stopped at any point can be
+resumed from what it records as committed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from actors import storage
+from actors.shard import ShardSpec, check_sites, checkpoint_dir, load_config, parameter_bytes
+from actors.stage import StageSpec
+from actors.writer import MicroBatch
+from cluster import placement
+from cluster.config import RunConfig
+from cluster.data import load_texts, pack_sequences
+from cluster.plan import PlanError, describe, plan_micro_batches, plan_stages, stage_bytes
+from cluster.tiny_model import build_tiny
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+@dataclass
+class Prepared:
+    """Everything known before the cluster is touched."""
+
+    model_path: str
+    model_config: object
+    tokens: torch.Tensor        # [num_sequences, seq_len]
+    stages: list[range]
+    stage_bytes: list[int]
+
+
+def model_path(config: RunConfig) -> str:
+    model = config.model
+    if model.tiny is not None:
+        return build_tiny(model.tiny, str(_expand(model.cache_dir)))
+    return checkpoint_dir(model.path)
+
+
+def _expand(path: str):
+    from pathlib import Path
+
+    return Path(path).expanduser()
+
+
+def prepare(config: RunConfig) -> Prepared:
+    """Resolve the checkpoint, tokenize the data and plan the stages."""
+    path = model_path(config)
+    model_config = load_config(path)
+    check_sites(model_config, path)
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit and config.data.seq_len > limit:
+        raise PlanError(
+            f"data.seq_len={config.data.seq_len} exceeds the model's max_position_embeddings={limit}. "
+            f"Use data.seq_len <= {limit}."
+        )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = load_texts(config.data.source, config.data.text_field, config.data.split)
+    tokens = pack_sequences(tokenizer, texts, config.data.num_sequences, config.data.seq_len)
+    layer_bytes, embed_bytes = parameter_bytes(path, model_config.num_hidden_layers)
+    stages = plan_stages(layer_bytes, config.pipeline.num_stages, embed_bytes)
+    return Prepared(path, model_config, tokens, stages, stage_bytes(stages, layer_bytes, embed_bytes))
+
+
+def stage_specs(config: RunConfig, prepared: Prepared, output: str) -> list[StageSpec]:
+    pipe = config.pipeline
+    return [
+        StageSpec(
+            index=index,
+            shard=ShardSpec(
+                prepared.model_path, layers, config.model.dtype,
+                config.model.experts_implementation, config.model.attn_implementation,
+            ),
+            output=output,
+            device=pipe.device,
+            write_depth=pipe.write_depth,
+            num_threads=pipe.threads_per_stage or max(1, int(pipe.cpus_per_stage)),
+            last=index == len(prepared.stages) - 1,
+        )
+        for index, layers in enumerate(prepared.stages)
+    ]
+
+
+def micro_batches(tokens: torch.Tensor, size: int, skip: set[int]) -> list[MicroBatch]:
+    """Micro-batches of consecutive sequences, leaving out committed ones."""
+    return [
+        MicroBatch(index, list(seqs), tokens[seqs.start:seqs.stop], torch.ones_like(tokens[seqs.start:seqs.stop]))
+        for index, seqs in enumerate(plan_micro_batches(len(tokens), size))
+        if index not in skip
+    ]
+
+
+class Ledger:
+    """run.json: the config, the plan, per-micro-batch status and timings."""
+
+    def __init__(self, output: str, record: dict):
+        self.fs, self.root = storage.resolve(output)
+        self.record = record
+
+    @property
+    def path(self) -> str:
+        return f"{self.root}/run.json"
+
+    def save(self) -> None:
+        storage.write_json(self.fs, self.path, self.record)
+
+    def committed(self) -> set[int]:
+        return {int(i) for i, b in self.record["batches"].items() if b["status"] == "committed"}
+
+    def commit(self, indices: list[int]) -> None:
+        for index in indices:
+            self.record["batches"][str(index)]["status"] = "committed"
+        self.save()
+
+
+def new_record(config: RunConfig, prepared: Prepared) -> dict:
+    mc = prepared.model_config
+    batches = plan_micro_batches(config.data.num_sequences, config.pipeline.micro_batch_size)
+    return {
+        "status": "running",
+        "config": config.to_dict(),
+        "model_path": prepared.model_path,
+        "model_type": mc.model_type,
+        "num_layers": mc.num_hidden_layers,
+        "hidden_size": mc.hidden_size,
+        "dtype": config.model.dtype,
+        "storage_mode": config.storage.mode,
+        "floor": config.storage.floor if config.storage.mode == "exceedances" else None,
+        "seq_len": config.data.seq_len,
+        "num_sequences": config.data.num_sequences,
+        "tokens": int(prepared.tokens.numel()),
+        "plan": [
+            {"stage": i, "layers": [r.start, r.stop], "param_bytes": b}
+            for i, (r, b) in enumerate(zip(prepared.stages, prepared.stage_bytes))
+        ],
+        "batches": {
+            str(i): {"seqs": [r.start, r.stop], "status": "pending"} for i, r in enumerate(batches)
+        },
+        "timings": {},
+    }
+
+
+def open_ledger(config: RunConfig, prepared: Prepared, resume: bool) -> Ledger:
+    """A fresh ledger, or the existing one when resuming the same run."""
+    fs, root = storage.resolve(config.storage.output)
+    ledger = Ledger(config.storage.output, new_record(config, prepared))
+    if storage.exists(fs, ledger.path):
+        old = storage.read_json(fs, ledger.path)
+        if not resume:
+            raise RunError(
+                f"storage.output={config.storage.output!r} already holds a run "
+                f"(status {old.get('status')!r}). Pass --resume to continue it, or choose another --output."
+            )
+        if old["config"] != ledger.record["config"]:
+            raise RunError(
+                f"--resume: the run in {config.storage.output!r} was made with a different config; "
+                "resume with the same config and flags, or choose another --output."
+            )
+        ledger.record = old
+        ledger.record["status"] = "running"
+    ledger.save()
+    return ledger
+
+
+def execute(config: RunConfig, resume: bool = False, log=print) -> dict:
+    """Run extraction and analysis; returns the final run record."""
+    import ray
+
+    from analysis import analyse
+    from cluster.pipeline import drive, stage_name, start_stages
+
+    started = time.perf_counter()
+    prepared = prepare(config)
+    ledger = open_ledger(config, prepared, resume)
+    timings = ledger.record["timings"]
+    log(f"model {prepared.model_path} ({ledger.record['num_layers']} layers, hidden {ledger.record['hidden_size']})")
+    log(describe(prepared.stages, prepared.stage_bytes))
+
+    mark = time.perf_counter()
+    placement.connect()
+    bundles = placement.stage_bundles(len(prepared.stages), config.pipeline.cpus_per_stage, config.pipeline.device)
+    group = placement.reserve(bundles, config.pipeline.placement_timeout_s)
+    timings["cluster_start_s"] = time.perf_counter() - mark
+    specs = stage_specs(config, prepared, config.storage.output)
+    try:
+        mark = time.perf_counter()
+        stages = start_stages(specs, group, bundles)
+        infos = ray.get([s.info.remote() for s in stages])
+        timings["load_s"] = time.perf_counter() - mark
+        for entry, info in zip(ledger.record["plan"], infos):
+            entry.update(info, name=stage_name(specs[info["stage"]]))
+        ledger.save()
+
+        mark = time.perf_counter()
+        todo = micro_batches(prepared.tokens, config.pipeline.micro_batch_size, ledger.committed())
+        drive(stages, todo, config.pipeline.in_flight, ledger.commit)
+        timings["extract_s"] = time.perf_counter() - mark
+        ledger.record["stage_stats"] = ray.get([s.stats.remote() for s in stages])
+    finally:
+        for stage in locals().get("stages", []):
+            ray.kill(stage)
+        ray.util.remove_placement_group(group)
+
+    mark = time.perf_counter()
+    summary = analyse(config.storage.output, config.analysis.criteria(), config.analysis.num_actors)
+    timings["analysis_s"] = time.perf_counter() - mark
+    timings["total_s"] = time.perf_counter() - started
+    ledger.record["status"] = "complete"
+    ledger.save()
+    return {"record": ledger.record, "summary": summary}
