@@ -66,7 +66,10 @@ def prepare(config: RunConfig) -> Prepared:
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     texts = load_texts(config.data.source, config.data.text_field, config.data.split)
-    tokens = pack_sequences(tokenizer, texts, config.data.num_sequences, config.data.seq_len)
+    tokens = pack_sequences(
+        tokenizer, texts, config.data.num_sequences, config.data.seq_len,
+        source=f"data.source={config.data.source!r}",
+    )
     layer_bytes, embed_bytes = parameter_bytes(path, model_config.num_hidden_layers)
     stages = plan_stages(layer_bytes, config.pipeline.num_stages, embed_bytes)
     return Prepared(path, model_config, tokens, stages, stage_bytes(stages, layer_bytes, embed_bytes))

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny checkpoints built locally, and a single-process reference forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from actors.capture import Capture
+from actors.shard import load_full
+from cluster.tiny_model import Plant, TinySpec, build_tiny
+
+# Small enough to load in well under a second; 6 layers so 3 stages get 2 each.
+SMALL = dict(num_layers=6, hidden_size=64, num_experts=4, top_k=2, expert_size=32,
+             num_heads=4, num_kv_heads=2, vocab_size=512, max_position=256)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(model_cache):
+    """build(arch, **changes) -> local checkpoint dir of a small seeded model."""
+
+    def build(arch: str = "qwen3_moe", **changes) -> str:
+        return build_tiny(TinySpec(arch=arch, **{**SMALL, **changes}), model_cache)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def planted_checkpoint(tiny_checkpoint):
+    """Qwen3-MoE with dims 5 and 40 planted in layers 0-3 of 6; decoys 20 (one layer), 9 (weak)."""
+    plants = (
+        Plant(dim=5, layers=(0, 1, 2, 3), scale=40.0),
+        Plant(dim=40, layers=(0, 1, 2, 3), scale=40.0),
+        Plant(dim=20, layers=(3,), scale=40.0),
+        Plant(dim=9, layers=tuple(range(6)), scale=1.5),
+    )
+    return tiny_checkpoint(plants=plants)
+
+
+def token_batch(seed: int, batch: int, seq: int, vocab: int = 512, pad_last: int = 0):
+    """Random token ids # [batch, seq] and a padding mask with the last row right-padded."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    if pad_last:
+        mask[-1, seq - pad_last:] = 0
+    return ids, mask
+
+
+def reference_activations(model_path: str, dtype: str, ids, mask) -> dict:
+    """{(layer, site): float32 numpy # [batch, seq, hidden]} from a plain from_pretrained forward."""
+    model = load_full(model_path, dtype)
+    capture = Capture(dict(enumerate(model.model.layers)))
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask)
+    return {key: value.float().numpy() for key, value in capture.pop().items()}
+
+
+def read_site(run_dir, layer: int, site: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seq, pos, act float32 # [rows, hidden]) of one layer-site, sorted by (seq, pos)."""
+    import polars as pl
+
+    frames = [
+        pl.read_parquet(path).with_columns(pl.col("act").cast(pl.Array(pl.Float32, pl.read_parquet_schema(path)["act"].size)))
+        for path in sorted((run_dir / "activations" / f"layer={layer}" / f"site={site}").glob("*.parquet"))
+    ]
+    table = pl.concat(frames).sort("seq", "pos")
+    return table["seq"].to_numpy(), table["pos"].to_numpy(), table["act"].to_numpy()

@@ -1,0 +1,85 @@
+"""The golden test: split-pipeline captures equal a single-process forward, bit for bit.
+
+Stages run in-process here (plain StageActor objects chained by hand); the same
+comparison through Ray and the CLI lives in tests/test_run.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actors.capture import SITES
+from actors.shard import ShardSpec
+from actors.stage import StageActor, StageSpec
+from actors.writer import MicroBatch
+from cluster.plan import plan_stages
+from tests.conftest import read_site, reference_activations, token_batch
+
+BATCH, SEQ, PAD = 4, 24, 7
+
+
+def run_split(model_path, dtype, num_stages, out, ids, mask, micro_batch=2):
+    """Capture every layer through `num_stages` in-process stages, micro-batch by micro-batch."""
+    stages = [
+        StageActor(StageSpec(i, ShardSpec(model_path, layers, dtype), str(out),
+                             last=i == num_stages - 1))
+        for i, layers in enumerate(plan_stages([1] * 6, num_stages))
+    ]
+    for index, start in enumerate(range(0, len(ids), micro_batch)):
+        rows = slice(start, start + micro_batch)
+        batch = MicroBatch(index, list(range(start, start + micro_batch)), ids[rows], mask[rows])
+        for stage in stages:
+            batch, _ = stage.forward(batch)
+    for stage in stages:
+        stage.flush()
+    return stages
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+def test_split_equals_single_forward(tiny_checkpoint, tmp_path, arch, dtype, num_stages):
+    path = tiny_checkpoint(arch)
+    ids, mask = token_batch(seed=1, batch=BATCH, seq=SEQ, pad_last=PAD)
+    expected = reference_activations(path, dtype, ids, mask)
+    run_split(path, dtype, num_stages, tmp_path, ids, mask)
+
+    keep = mask.bool().numpy()  # [batch, seq]
+    want_seq, want_pos = np.nonzero(keep)
+    for layer in range(6):
+        for site in SITES:
+            seq, pos, act = read_site(tmp_path, layer, site)
+            np.testing.assert_array_equal(seq, want_seq)  # padding positions never written
+            np.testing.assert_array_equal(pos, want_pos)
+            ref = expected[(layer, site)][keep]  # [rows, hidden]
+            assert act.dtype == np.float32
+            assert np.array_equal(act, ref), f"layer {layer} {site}: max diff {np.abs(act - ref).max()}"
+
+
+def test_bf16_encoding_is_float16_when_exact_else_float32(tiny_checkpoint, tmp_path):
+    import pyarrow.parquet as pq
+    import torch
+
+    from actors.writer import encode
+
+    values, kind = encode(torch.tensor([[1.5, -2.0**-14, 0.0, 59904.0]], dtype=torch.bfloat16))
+    assert kind == "float16" and values.dtype == np.float16
+    values, kind = encode(torch.tensor([[1.5, 2.0**-20, 70000.0]], dtype=torch.bfloat16))
+    assert kind == "float32"
+    assert values.tolist() == torch.tensor([[1.5, 2.0**-20, 70000.0]], dtype=torch.bfloat16).float().tolist()
+
+    path = tiny_checkpoint("qwen3_moe")
+    ids, mask = token_batch(seed=2, batch=2, seq=8)
+    run_split(path, "bfloat16", 1, tmp_path, ids, mask)
+    meta = pq.read_schema(next((tmp_path / "activations").rglob("*.parquet"))).metadata
+    assert meta[b"model_dtype"] == b"bfloat16" and meta[b"encoding"] in (b"float16", b"float32")
+
+
+def test_stage_uses_the_expert_kernel_of_from_pretrained(tiny_checkpoint):
+    from actors.shard import load_full
+
+    path = tiny_checkpoint("qwen3_moe")
+    plain = load_full(path, "float32").config._experts_implementation
+    stage = StageActor(StageSpec(0, ShardSpec(path, range(0, 3)), "/tmp/unused"))
+    assert stage.config._experts_implementation == plain == "grouped_mm"
