@@ -1,0 +1,57 @@
+"""Re-analyse a finished run without re-extracting: `python -m analysis RUN [flags]`.
+
+Criteria default to the run config's `analysis:` section (run.json); flags override them.
+Prints the outlier feature table and writes the outputs into RUN (see analysis/report.py).
+Exit codes: 0 done, 2 the run or the flags cannot be used (one line on stderr says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import warnings
+
+from analysis import analyse, feature_table, run_criteria
+from analysis.criteria import LAYER_UNITS
+from analysis.scan import RunError, read_run
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="run directory (local path or URI such as s3://bucket/run)")
+    parser.add_argument("--threshold", type=float, help="magnitude |x| >= T counts as outlier")
+    parser.add_argument("--min-layer-fraction", type=float, help="least share of layers")
+    parser.add_argument("--min-token-fraction", type=float, help="least share of tokens")
+    parser.add_argument("--layer-unit", choices=LAYER_UNITS, help="count layers or layer-sites")
+    parser.add_argument(
+        "--allow-partial", action="store_true", help="skip unreadable files with a warning"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
+    try:
+        criteria = run_criteria(read_run(args.run))
+        flags = {
+            "threshold": args.threshold,
+            "min_layer_fraction": args.min_layer_fraction,
+            "min_token_fraction": args.min_token_fraction,
+            "layer_unit": args.layer_unit,
+        }
+        given = {k: v for k, v in flags.items() if v is not None}
+        criteria = dataclasses.replace(criteria, **given)
+        summary = analyse(args.run, criteria, allow_partial=args.allow_partial)
+    except (RunError, ValueError, OSError) as err:  # OSError: e.g. a read-only run dir
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    features = summary["outlier_features"]
+    print(f"{len(features)} outlier features in {args.run} ({summary['seconds']['total']:.1f} s)")
+    print(feature_table(features))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

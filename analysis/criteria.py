@@ -1,0 +1,178 @@
+"""Which hidden dims are outlier features: per-dim statistics and the LLM.int8() criteria.
+
+Everything here is a pure function of two tables a scan produces (see `analysis/scan.py`):
+
+- exceedances: one row per (layer, site, seq, pos, dim) entry with |value| >= threshold;
+- stats: one row per (layer, site, dim) with `max_abs` over every captured entry.
+
+An outlier feature (Dettmers et al. 2022, "LLM.int8()") is a hidden dim whose magnitude
+reaches the threshold in at least a quarter of the layers and at least 6% of the tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import polars as pl
+
+LAYER_UNITS = ["layer", "site"]
+SITES_PER_LAYER = 2  # ln_attn and ln_mlp: the denominator of site_fraction is 2L
+CONFIG_ONLY_KEYS = {"num_actors"}  # analysis settings that are not criteria (see from_dict)
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """The `analysis:` section of the run config: when a hidden dim is an outlier feature.
+
+    A dim is an outlier feature when all three hold:
+      max_abs >= threshold, layer share >= min_layer_fraction, token_fraction >= min_token_fraction.
+
+    Each outlier feature is then classified:
+      "systematic" when its layer share >= systematic_layer_fraction AND its
+      token_fraction >= systematic_token_fraction, otherwise "probabilistic".
+    Why these defaults (75% of layers, half of the tokens): LLM.int8() reports that past
+    the emergence phase shift (about 6.7B parameters) outlier features affect all layers
+    and about 75% of sequence dimensions, in the same dims throughout: systematic. Before
+    it they show up in some layers and a minority of tokens, each occurrence a matter of
+    chance: probabilistic. The bars sit between those two regimes.
+    """
+
+    threshold: float = 6.0
+    """Magnitude at or above which an entry counts as an outlier (|x| >= threshold)."""
+    min_layer_fraction: float = 0.25
+    """Least share of layers (or layer-sites, see layer_unit) a feature must reach."""
+    min_token_fraction: float = 0.06
+    """Least share of captured tokens in which a feature must reach the threshold."""
+    layer_unit: str = "layer"
+    """'layer': share of decoder layers (the paper's definition); 'site': share of
+    (layer, site) pairs out of 2L, as earlier tools counted."""
+    systematic_layer_fraction: float = 0.75
+    """Least layer share (same unit as layer_unit) of a 'systematic' feature."""
+    systematic_token_fraction: float = 0.5
+    """Least token_fraction of a 'systematic' feature."""
+
+    def __post_init__(self):
+        number = self.threshold
+        if not _is_number(number) or not math.isfinite(number) or number <= 0:
+            raise ValueError(
+                f"analysis.threshold={number!r}: choose a finite number > 0 (LLM.int8() uses 6.0)"
+            )
+        for name in (
+            "min_layer_fraction",
+            "min_token_fraction",
+            "systematic_layer_fraction",
+            "systematic_token_fraction",
+        ):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value <= 1:
+                raise ValueError(f"analysis.{name}={value!r}: choose a fraction in [0, 1]")
+        if self.layer_unit not in LAYER_UNITS:
+            raise ValueError(
+                f"analysis.layer_unit={self.layer_unit!r}: choose one of {LAYER_UNITS}"
+            )
+
+    @classmethod
+    def from_dict(cls, section: dict | None) -> "Criteria":
+        """Criteria from the config's `analysis:` section; missing keys take the defaults.
+
+        `num_actors` belongs to the same section but says how to run, not what to find:
+        it is accepted and ignored here, and the caller passes it to `analyse(num_actors=)`.
+        """
+        section = dict(section or {})
+        valid = sorted(CONFIG_ONLY_KEYS | {f.name for f in fields(cls)})
+        unknown = sorted(set(section) - set(valid))
+        if unknown:
+            raise ValueError(f"analysis: unknown keys {unknown}; valid keys are {valid}")
+        return cls(**{k: v for k, v in section.items() if k not in CONFIG_ONLY_KEYS})
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def layer_column(self) -> str:
+        """The per-dim column the layer criteria read."""
+        return f"{self.layer_unit}_fraction"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def feature_stats(
+    exceedances: pl.DataFrame | pl.LazyFrame,
+    stats: pl.DataFrame | pl.LazyFrame,
+    num_layers: int,
+    tokens: int,
+    seq_len: int,
+) -> pl.DataFrame:
+    """One row per hidden dim: how large it gets, and where and how often it exceeds.
+
+    `exceedances` must hold exactly the entries with |value| >= threshold; the
+    fractions below are for that threshold. Columns:
+      dim, max_abs, layers (sorted list), layer_fraction (= len(layers) / num_layers),
+      site_fraction (distinct (layer, site) / 2L), token_fraction (distinct (seq, pos)
+      / tokens), position_fraction (distinct pos over all seqs / seq_len), occurrences.
+    """
+    for name, value in (("num_layers", num_layers), ("tokens", tokens), ("seq_len", seq_len)):
+        if value <= 0:
+            raise ValueError(f"{name}={value}: must be > 0 to form fractions; check run.json.")
+    where = (
+        exceedances.lazy()
+        .group_by("dim")
+        .agg(
+            layers=pl.col("layer").unique().sort(),
+            sites=pl.struct("layer", "site").n_unique(),
+            token_hits=pl.struct("seq", "pos").n_unique(),
+            positions=pl.col("pos").n_unique(),
+            occurrences=pl.len(),
+            exceeding_max=pl.col("value").abs().max(),
+        )
+    )
+    magnitude = stats.lazy().group_by("dim").agg(pl.col("max_abs").max())
+    return (
+        magnitude.join(where, on="dim", how="full", coalesce=True)
+        .select(
+            pl.col("dim").cast(pl.Int32),
+            # NOTE: stats cover every entry; the exceedance max only matters if stats lack a dim.
+            pl.max_horizontal("max_abs", "exceeding_max").cast(pl.Float64).alias("max_abs"),
+            pl.col("layers").fill_null(pl.lit([], dtype=pl.List(pl.Int32))).cast(pl.List(pl.Int32)),
+            _share(pl.col("layers").list.len(), num_layers).alias("layer_fraction"),
+            _share(pl.col("sites"), SITES_PER_LAYER * num_layers).alias("site_fraction"),
+            _share(pl.col("token_hits"), tokens).alias("token_fraction"),
+            _share(pl.col("positions"), seq_len).alias("position_fraction"),
+            pl.col("occurrences").fill_null(0).cast(pl.Int64),
+        )
+        .sort("dim")
+        .collect()
+    )
+
+
+def _share(count: pl.Expr, total: int) -> pl.Expr:
+    """count / total, exactly rounded, so 3 of 50 tokens meets a 0.06 bar."""
+    # NOTE: Polars divides by a scalar as a multiply by its reciprocal, up to 1 ulp off
+    # (polars#23741: 3 / 10 gives 0.30000000000000004); dividing by a column is exact.
+    return count.fill_null(0) / (pl.int_range(pl.len(), dtype=pl.Int64) * 0 + total)
+
+
+def outlier_features(per_dim: pl.DataFrame, criteria: Criteria) -> pl.DataFrame:
+    """The dims of `per_dim` that meet the criteria, with a `classification` column."""
+    share = pl.col(criteria.layer_column)
+    systematic = (share >= criteria.systematic_layer_fraction) & (
+        pl.col("token_fraction") >= criteria.systematic_token_fraction
+    )
+    return (
+        per_dim.lazy()
+        .filter(
+            (pl.col("max_abs") >= criteria.threshold)
+            & (share >= criteria.min_layer_fraction)
+            & (pl.col("token_fraction") >= criteria.min_token_fraction)
+        )
+        .with_columns(
+            classification=pl.when(systematic)
+            .then(pl.lit("systematic"))
+            .otherwise(pl.lit("probabilistic"))
+        )
+        .sort("dim")
+        .collect()
+    )
