@@ -118,12 +118,14 @@ def check_sites(config, model_path: str) -> None:
 
     with torch.device("meta"):
         probe = AutoModelForCausalLM.from_config(_one_layer(config))
-    layer = probe.model.layers[0]
+    layers = getattr(getattr(probe, "model", None), "layers", None)
+    layer = layers[0] if layers is not None else None
     missing = [name for name in SITES.values() if not hasattr(layer, name)]
     if missing:
+        where = type(layer).__name__ if layer is not None else f"{type(probe).__name__} (no model.layers)"
         raise ModelLoadError(
-            f"{model_path}: decoder layers of {type(layer).__name__} have no {missing}. "
-            f"Supported: decoders whose layers have {sorted(SITES.values())} "
+            f"{model_path}: decoder layers of {where} have no {missing}. "
+            f"Supported: decoders with model.layers[i].{{{', '.join(SITES.values())}}} "
             "(Llama, Mistral, Mixtral, Qwen2/3(-MoE), OLMoE, GPT-OSS, DeepSeek-V3, ...). "
             "To add an architecture, map its module names in actors/capture.py:SITES."
         )

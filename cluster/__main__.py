@@ -50,13 +50,14 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from actors.shard import ModelLoadError
+    from analysis.scan import RunError as AnalysisError
     from cluster.config import ConfigError
     from cluster.data import DataError
     from cluster.placement import PlacementError
     from cluster.plan import PlanError
     from cluster.run import RunError
 
-    return ConfigError, ModelLoadError, DataError, PlacementError, PlanError, RunError
+    return ConfigError, ModelLoadError, DataError, PlacementError, PlanError, RunError, AnalysisError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,81 @@
+"""A stage materializes only its own layers: by parameter names, by bytes, by peak memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from actors.shard import ModelLoadError, ShardSpec, check_sites, load_config, load_shard, parameter_bytes
+from cluster.tiny_model import TinySpec, build_tiny
+
+
+def test_stage_holds_only_its_layers(tiny_checkpoint):
+    path = tiny_checkpoint("qwen3_moe")
+    layer_bytes, embed_bytes = parameter_bytes(path, 6)
+    for layers in (range(0, 2), range(2, 4), range(4, 6)):
+        model = load_shard(ShardSpec(path, layers))
+        names = [name for name, _ in model.named_parameters()]
+        owned = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")}
+        assert owned == set(layers)
+        assert ("model.embed_tokens.weight" in names) == (layers.start == 0)
+        assert not any(n.startswith(("lm_head", "model.norm")) for n in names)
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert held == sum(layer_bytes[i] for i in layers) + (embed_bytes if layers.start == 0 else 0)
+
+
+PEAK_SCRIPT = """
+import json, sys, threading, time
+from actors.shard import ShardSpec, load_full, load_shard
+
+def anon_mib():  # resident anonymous memory: what loading allocates, not mapped file pages
+    return int(open('/proc/self/status').read().split('RssAnon:')[1].split()[0]) / 1024
+
+path, what = sys.argv[1], sys.argv[2]
+base, peak, loading = anon_mib(), [0.0], [True]
+def sample():
+    while loading[0]:
+        peak[0] = max(peak[0], anon_mib())
+        time.sleep(0.005)
+sampler = threading.Thread(target=sample)
+sampler.start()
+model = load_full(path) if what == 'full' else load_shard(ShardSpec(path, range(14, 16)))
+loading[0] = False
+sampler.join()
+print(json.dumps({"peak_mib": max(peak[0], anon_mib()) - base}))
+"""
+
+
+def peak_above_baseline(path: str, what: str) -> float:
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, path, what],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def test_loading_a_shard_peaks_well_under_the_whole_checkpoint(model_cache):
+    # ~820 MB float32 checkpoint of 16 layers (~51 MB each); the shard is 2 layers.
+    path = build_tiny(TinySpec(num_layers=16, hidden_size=512, num_experts=16, expert_size=512,
+                               num_heads=8, num_kv_heads=4, vocab_size=1024), model_cache)
+    layer_bytes, embed_bytes = parameter_bytes(path, 16)
+    checkpoint = (sum(layer_bytes) + embed_bytes) / 2**20
+    shard_weights = (layer_bytes[14] + layer_bytes[15]) / 2**20
+    shard = peak_above_baseline(path, "shard")
+    full = peak_above_baseline(path, "full")
+    print(f"checkpoint {checkpoint:.0f} MiB; 2-layer shard {shard_weights:.0f} MiB of weights "
+          f"peaked {shard:.0f} MiB; full model peaked {full:.0f} MiB")
+    assert shard < 0.4 * checkpoint
+    assert shard < 0.4 * full
+
+
+def test_a_missing_checkpoint_says_how_to_fix_it(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"model.path='.*nope' could not be loaded.*local checkpoint directory"):
+        load_config(str(tmp_path / "nope"))
+
+
+def test_layers_without_the_captured_norms_are_refused(tiny_checkpoint):
+    from transformers import GPT2Config
+
+    with pytest.raises(ModelLoadError, match=r"have no \['input_layernorm', 'post_attention_layernorm'\].*actors/capture.py"):
+        check_sites(GPT2Config(n_layer=1, n_embd=32, n_head=2), "gpt2-like")
