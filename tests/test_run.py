@@ -1,0 +1,91 @@
+"""Whole runs through Ray: tables equal the single-process forward, planted dims recovered exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from actors.capture import SITES
+from cluster.config import load_config
+from cluster.run import RunError, execute
+from tests.conftest import read_site, reference_activations
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def run_config(path: str, output, **sections) -> dict:
+    config = {
+        "model": {"path": path, "dtype": "float32"},
+        "data": {"source": "stdlib", "num_sequences": 12, "seq_len": 32},
+        "pipeline": {"num_stages": 2, "micro_batch_size": 4},
+        "storage": {"output": str(output)},
+        "analysis": {"num_actors": 2},
+    }
+    for name, values in sections.items():
+        config[name].update(values)
+    return config
+
+
+def packed_tokens(path: str, config) -> "torch.Tensor":
+    from transformers import AutoTokenizer
+
+    from cluster.data import load_texts, pack_sequences
+
+    return pack_sequences(AutoTokenizer.from_pretrained(path), load_texts("stdlib"),
+                          config.data.num_sequences, config.data.seq_len)
+
+
+@pytest.mark.parametrize("num_stages, dtype", [(1, "float32"), (3, "float32"), (2, "bfloat16")])
+def test_ray_run_equals_single_forward(ray_cluster, planted_checkpoint, tmp_path, num_stages, dtype):
+    import torch
+
+    config = load_config(run_config(planted_checkpoint, tmp_path / "run",
+                                    model={"dtype": dtype}, pipeline={"num_stages": num_stages}))
+    result = execute(config, log=lambda *_: None)
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "complete" and len(record["plan"]) == num_stages
+    assert all(b["status"] == "committed" for b in record["batches"].values())
+    assert set(record["timings"]) >= {"cluster_start_s", "load_s", "extract_s", "analysis_s", "total_s"}
+
+    tokens = packed_tokens(planted_checkpoint, config)
+    expected = reference_activations(planted_checkpoint, dtype, tokens, torch.ones_like(tokens))
+    for layer in range(6):
+        for site in SITES:
+            seq, pos, act = read_site(tmp_path / "run", layer, site)
+            assert len(seq) == tokens.numel()
+            assert np.array_equal(act, expected[(layer, site)][seq, pos]), (layer, site)
+    assert result["record"]["tokens"] == tokens.numel()
+
+
+def test_planted_dims_are_exactly_the_features_found(ray_cluster, planted_checkpoint, tmp_path):
+    result = execute(load_config(run_config(planted_checkpoint, tmp_path / "run")), log=lambda *_: None)
+    features = {f["dim"]: f for f in result["summary"]["outlier_features"]}
+    assert set(features) == {5, 40}  # not 20 (one layer of six) nor 9 (scale 1.5)
+    for feature in features.values():
+        assert feature["layers"] == [0, 1, 2, 3]
+        assert feature["layer_fraction"] == pytest.approx(4 / 6)
+    summary = json.loads((tmp_path / "run" / "analysis" / "summary.json").read_text())
+    assert [f["dim"] for f in summary["outlier_features"]] == [5, 40]
+    assert "| 5 |" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_model_without_plants_has_no_outlier_features(ray_cluster, tiny_checkpoint, tmp_path):
+    result = execute(load_config(run_config(tiny_checkpoint("qwen3_moe"), tmp_path / "run")), log=lambda *_: None)
+    assert result["summary"]["outlier_features"] == []
+
+
+def test_output_holding_another_run_is_refused(ray_cluster, tiny_checkpoint, tmp_path):
+    config = load_config(run_config(tiny_checkpoint("qwen3_moe"), tmp_path / "run",
+                                    data={"num_sequences": 4}))
+    execute(config, log=lambda *_: None)
+    with pytest.raises(RunError, match="already holds a run.*--resume"):
+        execute(config, log=lambda *_: None)
