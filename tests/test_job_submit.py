@@ -1,0 +1,68 @@
+"""Integration: `ray job submit` against a `ray start --head` cluster on loopback.
+
+Ray 2.60 enables token auth by default: the head writes ~/.ray/auth_token, and the
+job CLI and dashboard API need `RAY_AUTH_MODE=token` (they then read that token).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A head node on loopback; yields the dashboard address, stops the cluster after."""
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                    "--num-cpus=4", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_dashboard_api_requires_the_token(head):
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{head}/api/jobs/", timeout=10)
+    assert refused.value.code == 401
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    request = urllib.request.Request(f"{head}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    assert urllib.request.urlopen(request, timeout=10).status == 200
+
+
+def test_job_submit_runs_the_default_config(head, tmp_path):
+    output = tmp_path / "run"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
+    job = subprocess.run(
+        [RAY, "job", "submit", "--address", head, "--working-dir", str(REPO), "--",
+         "python", "-m", "cluster", "run", "configs/tiny_moe.yaml",
+         "--output", str(output), "--num-sequences", "8"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=REPO,
+    )
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "| 7 |" in job.stdout and "| 77 |" in job.stdout
+    summary = json.loads((output / "analysis" / "summary.json").read_text())
+    assert [f["dim"] for f in summary["outlier_features"]] == [7, 77]
+    record = json.loads((output / "run.json").read_text())
+    assert record["status"] == "complete" and record["tokens"] == 8 * 128
