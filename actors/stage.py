@@ -74,6 +74,9 @@ class StageActor:
         started = time.perf_counter()
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per stage only clutters the driver log
         self.spec = spec
         self.device = pick_device(spec.device)
         self.model = load_shard(spec.shard, self.device)

@@ -126,12 +126,20 @@ class Ledger:
         self.save()
 
 
+def output_uri(output: str) -> str:
+    """The run directory as an absolute path or URI (jobs run in a temporary working dir)."""
+    import os
+
+    return output if "://" in output else os.path.abspath(os.path.expanduser(output))
+
+
 def new_record(config: RunConfig, prepared: Prepared) -> dict:
     mc = prepared.model_config
     batches = plan_micro_batches(config.data.num_sequences, config.pipeline.micro_batch_size)
     return {
         "status": "running",
         "config": config.to_dict(),
+        "output": output_uri(config.storage.output),
         "model_path": prepared.model_path,
         "model_type": mc.model_type,
         "num_layers": mc.num_hidden_layers,

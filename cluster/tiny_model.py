@@ -32,11 +32,11 @@ import tokenizers
 import torch
 import transformers
 
+from actors.capture import SITES as SITE_MODULES
 from cluster.data import load_texts
 
 ARCHS = ("qwen3_moe", "olmoe")
-SITES = ("ln_attn", "ln_mlp")
-SITE_MODULES = {"ln_attn": "input_layernorm", "ln_mlp": "post_attention_layernorm"}
+SITES = tuple(SITE_MODULES)
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
 # Enough docstrings for a stable 1k-token BPE vocab while keeping training well under a second.
 TOKENIZER_TRAIN_CHARS = 300_000
@@ -225,6 +225,7 @@ def _write_checkpoint(spec: TinySpec, out_dir: Path) -> None:
     tokenizer = train_tokenizer(spec.vocab_size, spec.max_position)
     model = _init_model(spec, tokenizer)
     plant_norm_weights(model, spec.plants)
+    transformers.utils.logging.disable_progress_bar()  # keep run logs to our own lines
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "tiny_spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
