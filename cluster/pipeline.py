@@ -20,7 +20,7 @@ def stage_name(spec: StageSpec) -> str:
     return f"stage-{spec.index} [layers {layers.start}-{layers.stop - 1}]"
 
 
-def start_stages(specs: list[StageSpec], group, bundles: list[dict]) -> list:
+def start_stages(specs: list[StageSpec], group, bundles: list[dict], max_restarts: int = 3) -> list:
     """One StageActor per bundle of `group`, named like the plan, loading in parallel."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -29,6 +29,10 @@ def start_stages(specs: list[StageSpec], group, bundles: list[dict]) -> list:
     return [
         remote.options(
             name=stage_name(spec),
+            # A dead stage is restarted in its bundle (reloading its shard); the driver
+            # re-runs the micro-batches it lost, so Ray must not replay calls by itself.
+            max_restarts=max_restarts,
+            max_task_retries=0,
             num_cpus=bundle.get("CPU", 0),
             num_gpus=bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -58,32 +62,117 @@ class Commits:
         return sorted(done)
 
 
-def drive(stages: list, batches: list[MicroBatch], in_flight: int,
-          on_commit: Callable[[list[int]], None]) -> None:
-    """Push `batches` through `stages`, at most `in_flight` at once; report commits."""
+class StageLost(RuntimeError):
+    """A stage died and did not come back; committed micro-batches stay valid."""
+
+
+def lost_stage(err: BaseException) -> bool:
+    """Whether `err` means a stage process or its node died (worth a re-run)."""
+    import ray.exceptions as rex
+
+    lost = (rex.ActorDiedError, rex.ActorUnavailableError, rex.ObjectLostError, rex.OwnerDiedError)
+    return isinstance(err, lost) or isinstance(getattr(err, "cause", None), lost)
+
+
+def await_stages(stages: list, timeout_s: float) -> None:
+    """Return once every stage answers; StageLost if one cannot be restarted in time."""
     import ray
 
+    for index, stage in enumerate(stages):
+        ready, _ = ray.wait([ping := stage.info.remote()], timeout=timeout_s)
+        try:
+            if not ready:
+                raise TimeoutError
+            ray.get(ping)
+        except (TimeoutError, ray.exceptions.RayError) as err:
+            raise StageLost(
+                f"stage-{index} died and could not be restarted within {timeout_s:g} s "
+                f"({type(err).__name__}); the cluster has {ray.cluster_resources()}. "
+                "Committed micro-batches are kept: free or add resources and rerun with --resume."
+            ) from None
+
+
+def drive(stages: list, batches: list[MicroBatch], in_flight: int,
+          on_commit: Callable[[list[int]], None], retries: int = 3,
+          revive_timeout_s: float = 60.0, log=print) -> None:
+    """Push `batches` through `stages`, at most `in_flight` at once, until all are committed.
+
+    A micro-batch is committed when every stage has written its files. If a stage dies,
+    Ray restarts it in its bundle; the micro-batches it had not written are run again
+    (their files are rewritten in place, never duplicated), each at most `retries` times.
+    """
     commits = Commits(len(stages))
-    pending: dict = {}  # last stage's ref -> this micro-batch's per-stage commit refs
+    attempts: dict[int, int] = {}
+    todo = list(batches)
+    while todo:
+        failed = _round(stages, todo, in_flight, commits, on_commit, log)
+        failed |= _flush(stages, commits, on_commit, log)
+        todo = [b for b in batches if b.index not in commits.reported]
+        if todo and not failed:
+            raise RuntimeError(f"micro-batches {[b.index for b in todo]} were not written by every stage")
+        for batch in todo:
+            attempts[batch.index] = attempts.get(batch.index, 0) + 1
+            if attempts[batch.index] > retries:
+                raise StageLost(f"micro-batch {batch.index} failed {retries + 1} times; giving up.")
+        if todo:
+            await_stages(stages, revive_timeout_s)
+            log(f"re-running micro-batches {[b.index for b in todo]} after a stage failure")
 
-    def settle(ref) -> None:
-        ray.get(ref)  # raises if any stage failed on this micro-batch
-        for stage, written in enumerate(ray.get(pending.pop(ref))):
-            if done := commits.add(stage, written):
-                on_commit(done)
 
-    for batch in batches:
-        while len(pending) >= in_flight:
-            ready, _ = ray.wait(list(pending), num_returns=1, fetch_local=False)
-            settle(ready[0])
-        ref, written = batch, []
-        for stage in stages:
-            ref, done = stage.forward.options(num_returns=2).remote(ref)
-            written.append(done)
-        pending[ref] = written
-    while pending:
+def _round(stages, batches, in_flight, commits, on_commit, log) -> bool:
+    """Submit every batch once; returns whether any stage failed along the way."""
+    import ray
+
+    pending: dict = {}  # last stage's ref -> (micro-batch index, per-stage commit refs)
+    failed = False
+    queue = list(batches)
+    while queue or pending:
+        while queue and len(pending) < in_flight:
+            batch = queue.pop(0)
+            ref, written = batch, []
+            for stage in stages:
+                ref, done = stage.forward.options(num_returns=2).remote(ref)
+                written.append(done)
+            pending[ref] = (batch.index, written)
         ready, _ = ray.wait(list(pending), num_returns=1, fetch_local=False)
-        settle(ready[0])
-    for stage, written in enumerate(ray.get([s.flush.remote() for s in stages])):
-        if done := commits.add(stage, written):
-            on_commit(done)
+        index, written = pending.pop(ready[0])
+        failed |= _settle([ready[0], *written], index, commits, on_commit, log)
+    return failed
+
+
+def _settle(refs, index, commits, on_commit, log) -> bool:
+    """Record the commits a finished micro-batch reports; True if a stage was lost on it."""
+    import ray
+
+    lost = False
+    for stage, ref in enumerate(refs[1:]):
+        try:
+            _report(commits, stage, ray.get(ref), on_commit)
+        except ray.exceptions.RayError as err:
+            if not lost_stage(err):
+                raise
+            lost = True
+    if lost:
+        log(f"micro-batch {index}: a stage was lost; it will be run again")
+    return lost
+
+
+def _flush(stages, commits, on_commit, log) -> bool:
+    """Wait for every stage's writer; True if a stage was lost meanwhile."""
+    import ray
+
+    lost = False
+    for stage, handle in enumerate(stages):
+        try:
+            _report(commits, stage, ray.get(handle.flush.remote()), on_commit)
+        except ray.exceptions.RayError as err:
+            if not lost_stage(err):
+                raise
+            log(f"stage-{stage} was lost before its writer finished")
+            lost = True
+    return lost
+
+
+def _report(commits: Commits, stage: int, written: list[int], on_commit) -> None:
+    if done := commits.add(stage, written):
+        on_commit(done)

@@ -1,0 +1,52 @@
+"""Fault injection for the reliability tests: real faults, triggered by an environment variable.
+
+`MOE_OUTLIERS_FAULTS` holds a JSON list of faults, each
+`{"kind": "kill" | "oom" | "delay", "stage": i, "batch": m, "once": "/path/marker", ...}`:
+  - kill: the stage's worker process sends itself SIGKILL before running micro-batch m;
+  - oom: running more than `max_rows` sequences at once raises torch.OutOfMemoryError;
+  - delay: sleep `seconds` before every micro-batch (to widen the window for a driver kill).
+`once` makes a fault fire a single time across restarts (it creates the marker file).
+Unset, nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import torch
+
+ENV = "MOE_OUTLIERS_FAULTS"
+
+
+def _faults(stage: int) -> list[dict]:
+    raw = os.environ.get(ENV)
+    return [f for f in json.loads(raw) if f.get("stage", stage) == stage] if raw else []
+
+
+def _claim(fault: dict) -> bool:
+    """True if this fault may fire now (and, for `once`, marks it fired)."""
+    marker = fault.get("once")
+    if not marker:
+        return True
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+
+
+def before_batch(stage: int, batch: int) -> None:
+    for fault in _faults(stage):
+        if fault["kind"] == "delay":
+            time.sleep(fault["seconds"])
+        elif fault["kind"] == "kill" and fault.get("batch") == batch and _claim(fault):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def before_layers(stage: int, rows: int) -> None:
+    for fault in _faults(stage):
+        if fault["kind"] == "oom" and rows > fault.get("max_rows", 1) and _claim(fault):
+            raise torch.OutOfMemoryError(f"injected: {rows} rows > {fault.get('max_rows', 1)}")
