@@ -22,7 +22,7 @@ import torch
 
 from actors.capture import Capture
 from actors.shard import ShardSpec, load_shard
-from actors.writer import ActivationWriter, BackgroundWriter, MicroBatch
+from actors.writer import BackgroundWriter, MicroBatch, make_writer
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class StageSpec:
     write_depth: int = 2         # micro-batches queued for the writer before forward blocks
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
     last: bool = False           # the last stage passes no hidden states on
+    storage: str = "dense"       # dense activations, or exceedances (|x| >= floor) plus stats
+    floor: float = 3.0           # smallest |x| kept in exceedances mode
     faults: dict = field(default_factory=dict)  # test-only fault injection
 
 
@@ -85,7 +87,8 @@ class StageActor:
         self.layers = {i: self.model.model.layers[i] for i in spec.shard.layers}
         self.kinds = {i: mask_kind(self.config, i) for i in self.layers}
         self.capture = Capture(self.layers)
-        self.writer = BackgroundWriter(ActivationWriter(spec.output), depth=spec.write_depth)
+        writer = make_writer(spec.output, spec.storage, spec.floor)
+        self.writer = BackgroundWriter(writer, depth=spec.write_depth)
         self.load_s = time.perf_counter() - started
         self.busy_s = 0.0
         self.tokens = 0

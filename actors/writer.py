@@ -4,6 +4,11 @@ Layout (hive-partitioned, one file per micro-batch and layer-site):
     RUN/activations/layer=<L>/site=<S>/mb-<index>.parquet
     columns: seq int64, pos int32, token_id int32, act fixed_size_list<float>[hidden]
 
+Exceedance mode (`storage.mode: exceedances`) writes, per micro-batch and layer-site,
+only the entries with |x| >= floor, and summary statistics of every entry:
+    RUN/exceedances/layer=<L>/site=<S>/mb-<index>.parquet   seq, pos, dim, value float32
+    RUN/stats/layer=<L>/site=<S>/mb-<index>.parquet         dim, count, max_abs, sum, sum_sq
+
 Padding positions are never written. Encoding of `act` is lossless:
 float32 models store float32. bfloat16 models store float16 when every value of the
 file survives bf16 -> fp16 -> bf16 unchanged (true for 2^-14 <= |x| <= 65504 and zero),
@@ -35,8 +40,16 @@ class MicroBatch:
     hidden: torch.Tensor | None = None  # [batch, seq, hidden]; None before stage 0
 
 
-def part_path(root: str, layer: int, site: str, index: int) -> str:
-    return f"{root}/activations/layer={layer}/site={site}/mb-{index:06d}.parquet"
+def part_path(root: str, layer: int, site: str, index: int, kind: str = "activations") -> str:
+    # One name per micro-batch: a re-run of the micro-batch overwrites instead of duplicating.
+    return f"{root}/{kind}/layer={layer}/site={site}/mb-{index:06d}.parquet"
+
+
+def valid_rows(acts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The non-padding rows of `acts` # [batch, seq, hidden] -> [rows, hidden], on its device."""
+    if bool(keep.all()):
+        return acts.reshape(-1, acts.shape[-1])  # NOTE: a view: no copy when nothing is padding
+    return acts[keep.to(acts.device)]
 
 
 def encode(acts: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -67,13 +80,79 @@ class ActivationWriter:
             "token_id": pa.array(batch.input_ids.cpu()[keep].numpy().astype(np.int32)),
         }
         for (layer, site), acts in sorted(captured.items()):
-            values, encoding = encode(acts.cpu()[keep])  # [rows, hidden]
+            # NOTE: padding is dropped on the device, so only real tokens cross to the host.
+            values, encoding = encode(valid_rows(acts, keep).cpu())  # [rows, hidden]
             act = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
             table = pa.table({**columns, "act": act}).replace_schema_metadata(
                 {"encoding": encoding, "model_dtype": str(acts.dtype).removeprefix("torch.")}
             )
             path = part_path(self.root, layer, site, batch.index)
             self.bytes_written += storage.write_table(self.fs, path, table)
+
+
+def float32_floor(floor: float) -> float:
+    """The least float32 >= floor: a float32 |x| >= it exactly when |x| >= floor (as reals)."""
+    # NOTE: torch compares a float32 tensor with a Python float in float32, which would round
+    # a floor such as 2.99 down and keep values below it (analysis/scan.py does the same).
+    bar = np.float32(floor)
+    return float(bar if float(bar) >= floor else np.nextafter(bar, np.float32(np.inf)))
+
+
+class ExceedanceWriter:
+    """Writes, per layer-site, the entries with |x| >= floor and per-dim statistics of all.
+
+    The selection and the statistics are computed where the activations live (the GPU
+    when there is one), so only the kept entries and the stats cross to the host.
+    """
+
+    def __init__(self, output: str, floor: float):
+        self.fs, self.root = storage.resolve(output)
+        self.floor = floor
+        self.bar = float32_floor(floor)
+        self.bytes_written = 0
+
+    def write(self, batch: MicroBatch, captured: dict[tuple[int, str], torch.Tensor]) -> None:
+        keep = batch.attention_mask.bool().cpu()  # [batch, seq]
+        rows, pos = keep.nonzero(as_tuple=True)
+        seq = torch.as_tensor(batch.seqs, dtype=torch.int64)[rows]  # [tokens]
+        for (layer, site), acts in sorted(captured.items()):
+            kept, stats = self.select(valid_rows(acts, keep))
+            token, dim, value = kept
+            table = pa.table({
+                "seq": pa.array(seq[token].numpy()),
+                "pos": pa.array(pos[token].numpy().astype(np.int32)),
+                "dim": pa.array(dim.numpy().astype(np.int32)),
+                "value": pa.array(value.numpy()),
+            })
+            path = part_path(self.root, layer, site, batch.index, "exceedances")
+            self.bytes_written += storage.write_table(self.fs, path, table)
+            path = part_path(self.root, layer, site, batch.index, "stats")
+            self.bytes_written += storage.write_table(self.fs, path, pa.table(stats))
+
+    def select(self, acts: torch.Tensor) -> tuple[tuple, dict]:
+        """(token, dim, value) of the entries >= floor, and per-dim stats of `acts` # [rows, hidden]."""
+        x = acts.float()  # exact for bf16 and fp16
+        magnitude = x.abs()
+        hit = magnitude >= self.bar  # [rows, hidden]
+        token, dim = hit.nonzero(as_tuple=True)
+        wide = x.double()  # NOTE: float64 sums, so sums over thousands of sequences stay exact enough
+        stats = {
+            "dim": np.arange(x.shape[1], dtype=np.int32),
+            "count": hit.sum(0).cpu().numpy(),
+            "max_abs": magnitude.amax(0).double().cpu().numpy() if len(x) else np.zeros(x.shape[1]),
+            "sum": wide.sum(0).cpu().numpy(),
+            "sum_sq": wide.square().sum(0).cpu().numpy(),
+        }
+        return (token.cpu(), dim.cpu(), x[token, dim].cpu()), stats
+
+
+def make_writer(output: str, mode: str = "dense", floor: float = 3.0):
+    """The writer for `storage.mode`: dense activations or exceedances plus stats."""
+    if mode == "exceedances":
+        return ExceedanceWriter(output, floor)
+    if mode == "dense":
+        return ActivationWriter(output)
+    raise ValueError(f"storage.mode={mode!r}: choose one of ['dense', 'exceedances'].")
 
 
 class BackgroundWriter:
@@ -85,7 +164,7 @@ class BackgroundWriter:
     on the next call from the stage.
     """
 
-    def __init__(self, writer: ActivationWriter, depth: int = 2):
+    def __init__(self, writer, depth: int = 2):
         self.writer = writer
         self._jobs: queue.Queue = queue.Queue(maxsize=depth)
         self._done: list[int] = []

@@ -1,0 +1,135 @@
+"""Exceedance mode: the same outlier features as dense mode, from far fewer bytes.
+
+A real tiny model runs twice through in-process stages on the same tokens (one row
+padded), once per storage mode; the analysis of both runs must agree for every
+threshold >= floor, and the stored entries must equal the dense values bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from actors.shard import ShardSpec
+from actors.stage import StageActor, StageSpec
+from actors.writer import ExceedanceWriter, MicroBatch, float32_floor
+from analysis import analyse
+from analysis.criteria import Criteria, feature_stats
+from analysis.scan import Scanner, list_partitions, read_run
+from cluster.plan import plan_stages
+from tests.conftest import token_batch
+
+FLOOR = 3.0
+THRESHOLDS = [3.0, 4.5, 6.0, 10.0]
+BATCH, SEQ, PAD, LAYERS = 4, 32, 5, 6
+
+
+def extract(model_path, dtype, mode, out, ids, mask, num_stages=2, micro_batch=2) -> dict:
+    """Run in-process stages over the tokens, write run.json; returns {'bytes': ...}."""
+    stages = [
+        StageActor(StageSpec(i, ShardSpec(model_path, layers, dtype), str(out),
+                             last=i == num_stages - 1, storage=mode, floor=FLOOR))
+        for i, layers in enumerate(plan_stages([1] * LAYERS, num_stages))
+    ]
+    for index, start in enumerate(range(0, len(ids), micro_batch)):
+        rows = slice(start, start + micro_batch)
+        batch = MicroBatch(index, list(range(start, start + micro_batch)), ids[rows], mask[rows])
+        for stage in stages:
+            batch, _ = stage.forward(batch)
+    for stage in stages:
+        stage.flush()
+    info = {
+        "num_layers": LAYERS, "hidden_size": stages[0].config.hidden_size,
+        "tokens": int(mask.sum()), "storage_mode": mode,
+        "floor": FLOOR if mode == "exceedances" else None,
+        "config": {"data": {"seq_len": SEQ}, "analysis": {}},
+    }
+    (out / "run.json").write_text(json.dumps(info))
+    return {"bytes": sum(s.stats()["bytes_written"] for s in stages)}
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def runs(request, planted_checkpoint, tmp_path_factory):
+    """(dense run dir, exceedance run dir, bytes by mode) for one dtype."""
+    ids, mask = token_batch(seed=3, batch=BATCH, seq=SEQ, pad_last=PAD)
+    dirs, sizes = {}, {}
+    for mode in ("dense", "exceedances"):
+        dirs[mode] = tmp_path_factory.mktemp(f"{mode}-{request.param}")
+        sizes[mode] = extract(planted_checkpoint, request.param, mode, dirs[mode], ids, mask)["bytes"]
+    print(f"\n{request.param}: bytes written dense {sizes['dense']:,}, "
+          f"exceedances {sizes['exceedances']:,} ({sizes['dense'] / sizes['exceedances']:.1f}x fewer)")
+    return dirs["dense"], dirs["exceedances"], sizes
+
+
+def scanned(run_dir, threshold):
+    scanner = Scanner(str(run_dir), threshold)
+    partial = scanner.scan(list_partitions(str(run_dir), read_run(str(run_dir))))
+    keys = ["layer", "site", "seq", "pos", "dim"]
+    return partial.exceedances.sort(keys), partial.stats.sort("layer", "site", "dim")
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+def test_same_exceedances_and_stats_as_dense(runs, threshold):
+    dense, stored, _ = runs
+    want_rows, want_stats = scanned(dense, threshold)
+    got_rows, got_stats = scanned(stored, threshold)
+    assert len(want_rows) > 0
+    # Bit for bit: the stored value is the dense value at the same (layer, site, seq, pos, dim).
+    assert got_rows.equals(want_rows)
+    assert got_stats.equals(want_stats)
+    per_dim = [feature_stats(e, s, LAYERS, BATCH * SEQ - PAD, SEQ) for e, s in
+               (scanned(dense, threshold), scanned(stored, threshold))]
+    assert per_dim[0].equals(per_dim[1])
+
+
+@pytest.mark.parametrize("threshold", THRESHOLDS)
+def test_same_outlier_features_as_dense(runs, threshold):
+    dense, stored, _ = runs
+    criteria = Criteria(threshold=threshold, min_token_fraction=0.06)
+    want = analyse(str(dense), criteria)["outlier_features"]
+    got = analyse(str(stored), criteria)["outlier_features"]
+    assert got == want
+    if threshold == 6.0:  # the planted dims 5 and 40, and nothing else (tests/test_run.py)
+        assert {f["dim"] for f in want} == {5, 40}
+
+
+def test_stored_stats_are_those_of_every_real_token(runs):
+    dense, stored, _ = runs
+    acts = pl.read_parquet(dense / "activations" / "layer=2" / "site=ln_mlp" / "*.parquet")
+    x = np.asarray(acts["act"].to_numpy(), dtype=np.float64)  # [tokens, hidden]
+    assert len(x) == BATCH * SEQ - PAD  # padding positions never written
+    stats = (pl.read_parquet(stored / "stats" / "layer=2" / "site=ln_mlp" / "*.parquet")
+             .group_by("dim").agg(pl.col("count", "sum", "sum_sq").sum(), pl.col("max_abs").max())
+             .sort("dim"))
+    np.testing.assert_array_equal(stats["count"], (np.abs(x) >= FLOOR).sum(0))
+    np.testing.assert_array_equal(stats["max_abs"], np.abs(x).max(0))
+    np.testing.assert_allclose(stats["sum"], x.sum(0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(stats["sum_sq"], (x**2).sum(0), rtol=1e-9)
+    rows = pl.read_parquet(stored / "exceedances" / "layer=2" / "site=ln_mlp" / "*.parquet")
+    assert rows.filter((pl.col("seq") == BATCH - 1) & (pl.col("pos") >= SEQ - PAD)).is_empty()
+
+
+def test_exceedances_take_fewer_bytes(runs):
+    _, _, sizes = runs
+    assert 0 < sizes["exceedances"] < sizes["dense"]
+
+
+def test_below_floor_threshold_is_refused(runs):
+    _, stored, _ = runs
+    with pytest.raises(ValueError, match="below the run's storage floor 3.0"):
+        Scanner(str(stored), 2.5)
+
+
+def test_floor_is_compared_as_a_real_number(tmp_path):
+    # 3.1 has no float32: the nearest one lies below 3.1 and must not be kept; the next one up must.
+    below = np.float32(3.1)
+    above = np.nextafter(below, np.float32(np.inf))
+    writer = ExceedanceWriter(str(tmp_path), 3.1)
+    (token, dim, value), stats = writer.select(torch.tensor([[below, -3.5, 1.0, above]]))
+    assert float(below) < 3.1 <= float32_floor(3.1) == float(above)
+    assert dim.tolist() == [1, 3] and value.tolist() == [-3.5, float(above)]
+    assert stats["count"].tolist() == [0, 1, 0, 1]
