@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.capture import Capture
+from actors.metrics import StageMetrics
 from actors.shard import ShardSpec, load_shard
 from actors.writer import BackgroundWriter, MicroBatch, make_writer
 
@@ -92,6 +93,8 @@ class StageActor:
         self.load_s = time.perf_counter() - started
         self.busy_s = 0.0
         self.tokens = 0
+        layers = spec.shard.layers
+        self.metrics = StageMetrics(f"stage-{spec.index} [layers {layers.start}-{layers.stop - 1}]")
 
     @torch.inference_mode()
     def run_layers(self, batch: MicroBatch) -> torch.Tensor:
@@ -125,11 +128,22 @@ class StageActor:
         out = MicroBatch(batch.index, batch.seqs, batch.input_ids, batch.attention_mask, onward)
         self.busy_s += time.perf_counter() - started
         self.tokens += int(batch.attention_mask.sum())
-        return out, self.writer.committed()
+        written = self.writer.committed()
+        self._observe(int(batch.attention_mask.sum()), time.perf_counter() - started, written)
+        return out, written
 
     def flush(self) -> list[int]:
         """Block until every submitted micro-batch is written; returns those not yet reported."""
-        return self.writer.flush()
+        written = self.writer.flush()
+        self._observe(0, 0.0, written)
+        return written
+
+    def _observe(self, tokens: int, busy_s: float, written: list[int]) -> None:
+        """Dashboard metrics (actors/metrics.py); the writer's internals are read defensively."""
+        writer = getattr(self.writer, "writer", None)
+        jobs = getattr(self.writer, "_jobs", None)
+        self.metrics.observe(tokens, busy_s, len(written), getattr(writer, "bytes_written", 0),
+                             jobs.qsize() if jobs is not None else 0)
 
     def info(self) -> dict:
         """Where this stage runs and what it holds, for the stored plan."""
@@ -141,6 +155,7 @@ class StageActor:
             "pid": os.getpid(),
             "device": str(self.device),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "node_id": _ray_node_id(),
             "param_bytes": params,
             "load_s": round(self.load_s, 3),
         }
@@ -152,3 +167,11 @@ class StageActor:
         """Test-only faults, keyed by micro-batch index (see tests/test_faults.py)."""
         if self.spec.faults.get("kill_at") == index:
             os._exit(1)
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node this stage runs on (None outside Ray); matches the placement group's."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else None

@@ -58,6 +58,8 @@ class DataConfig:
     """HF dataset split."""
     num_sequences: int = 16
     """Sequences to run."""
+    shuffle_seed: int | None = None
+    """Shuffle documents (buffered, like HF streaming) with this seed; empty keeps source order."""
     seq_len: int = 2048
     """Tokens per packed sequence."""
 
@@ -84,12 +86,16 @@ class PipelineConfig:
     """Micro-batches queued for a stage's writer before the stage waits."""
     placement_timeout_s: float = 60.0
     """How long to wait for the cluster to fit the stages before giving up."""
+    placement: str = "auto"
+    """Placement group strategy: auto (pack when one node fits every stage, else spread),
+    pack, spread or strict_spread (one stage per node)."""
 
     def __post_init__(self):
         _positive("pipeline.num_stages", self.num_stages)
         _positive("pipeline.micro_batch_size", self.micro_batch_size)
         _positive("pipeline.write_depth", self.write_depth)
         _choice("pipeline.device", self.device, ["auto", "cuda", "cpu"])
+        _choice("pipeline.placement", self.placement, ["auto", "pack", "spread", "strict_spread"])
         if self.max_in_flight < 0:
             raise ConfigError(f"pipeline.max_in_flight={self.max_in_flight}: use 0 (auto) or more.")
 

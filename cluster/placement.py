@@ -40,8 +40,15 @@ def connect(num_cpus: int | None = None) -> str:
 def describe_resources(total: dict) -> str:
     gpus = int(total.get("GPU", 0))
     cpus = total.get("CPU", 0)
-    nodes = sum(1 for key in total if key.startswith("node:") and not key.startswith("node:__"))
+    nodes = _alive_nodes()
     return f"{gpus} GPUs (CPU: {cpus:g}, nodes: {nodes})"
+
+
+def _alive_nodes() -> int:
+    # NOTE: not the `node:<ip>` resource keys: raylets sharing one IP share one key.
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 def stage_bundles(num_stages: int, cpus_per_stage: float, device: str) -> list[dict]:
@@ -91,3 +98,39 @@ def bundle_nodes(group) -> list[str]:
 
     table = placement_group_table(group)
     return [table["bundles_to_node_id"][i] for i in range(len(table["bundles"]))]
+
+
+STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
+
+
+def fits(resources: dict, bundle: dict) -> int:
+    """How many copies of `bundle` one node's `resources` can hold."""
+    return int(min(resources.get(key, 0) // need for key, need in bundle.items() if need > 0))
+
+
+def choose_strategy(bundles: list[dict], placement: str) -> str:
+    """Ray's placement strategy for the stages under `pipeline.placement`.
+
+    auto: PACK when one node can hold every stage (activations stay on the node),
+    else SPREAD, so a stage per node is placed without waiting for a node that never comes.
+    """
+    if placement != "auto":
+        return STRATEGIES[placement]
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    best = max((fits(resources, bundles[0]) for resources in nodes), default=0)
+    return "PACK" if best >= len(bundles) else "SPREAD"
+
+
+def describe_placement(plan: list[dict], strategy: str) -> str:
+    """Where each stage landed, one line per stage, as printed once stages are loaded."""
+    lines = [f"placement {strategy}:"]
+    for stage in plan:
+        gpu = stage.get("cuda_visible_devices")
+        lines.append(
+            f"  {stage.get('name', stage['stage'])}  node {stage.get('node')} "
+            f"({(stage.get('node_id') or '?')[:8]})  device {stage.get('device')}"
+            + (f"  GPU {gpu}" if gpu else "")
+        )
+    return "\n".join(lines)

@@ -20,6 +20,7 @@ from cluster import placement
 from cluster.config import RunConfig
 from cluster.data import load_texts, pack_sequences
 from cluster.plan import PlanError, describe, plan_micro_batches, plan_stages, stage_bytes
+from cluster.progress import Progress
 from cluster.tiny_model import build_tiny
 
 
@@ -202,7 +203,9 @@ def execute(config: RunConfig, resume: bool = False, log=print) -> dict:
     mark = time.perf_counter()
     placement.connect()
     bundles = placement.stage_bundles(len(prepared.stages), config.pipeline.cpus_per_stage, config.pipeline.device)
-    group = placement.reserve(bundles, config.pipeline.placement_timeout_s)
+    strategy = placement.choose_strategy(bundles, config.pipeline.placement)
+    group = placement.reserve(bundles, config.pipeline.placement_timeout_s, strategy)
+    ledger.record["placement"] = {"strategy": strategy, "bundle_nodes": placement.bundle_nodes(group)}
     timings["cluster_start_s"] = time.perf_counter() - mark
     specs = stage_specs(config, prepared, config.storage.output)
     try:
@@ -213,10 +216,12 @@ def execute(config: RunConfig, resume: bool = False, log=print) -> dict:
         for entry, info in zip(ledger.record["plan"], infos):
             entry.update(info, name=stage_name(specs[info["stage"]]))
         ledger.save()
+        log(placement.describe_placement(ledger.record["plan"], strategy))
 
         mark = time.perf_counter()
         todo = micro_batches(prepared.tokens, config.pipeline.micro_batch_size, ledger.committed())
-        drive(stages, todo, config.pipeline.in_flight, ledger.commit)
+        progress = Progress({b.index: int(b.attention_mask.sum()) for b in todo}, log)
+        drive(stages, todo, config.pipeline.in_flight, progress.wrap(ledger.commit))
         timings["extract_s"] = time.perf_counter() - mark
         ledger.record["stage_stats"] = ray.get([s.stats.remote() for s in stages])
     finally:

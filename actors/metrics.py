@@ -1,0 +1,71 @@
+"""Stage metrics for the Ray dashboard and Prometheus, through `ray.util.metrics`.
+
+Exported by every node's metrics agent as (Prometheus names, `ray_` prefixed):
+
+    ray_moe_outliers_tokens_total              tokens run through the stage's layers
+    ray_moe_outliers_micro_batches_total       micro-batches whose files the stage has written
+    ray_moe_outliers_bytes_written_total       Parquet bytes the stage's writer has written
+    ray_moe_outliers_busy_seconds_total        seconds spent in `forward`
+    ray_moe_outliers_write_queue_depth         micro-batches waiting for the writer (gauge)
+
+each tagged `stage="stage-<i> [layers a-b]"`, the actor's name in the dashboard.
+Without Ray (in-process tests, the GPU bench machine) every call is a no-op, and
+Ray is never imported from here.
+"""
+
+from __future__ import annotations
+
+import sys
+
+PREFIX = "moe_outliers_"
+
+
+class StageMetrics:
+    """Counters of one stage; `observe(stage)` after each forward updates them."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.metrics = _make() if _ray_running() else None
+        self._bytes = 0
+
+    def observe(self, tokens: int, busy_s: float, written: int, bytes_written: int,
+                queue_depth: int) -> None:
+        """Add one forward's work; `bytes_written` is the writer's running total."""
+        if self.metrics is None:
+            return
+        tags = {"stage": self.stage}
+        counters = {
+            "tokens": tokens,
+            "micro_batches": written,
+            "bytes_written": bytes_written - self._bytes,
+            "busy_seconds": busy_s,
+        }
+        for name, value in counters.items():
+            if value > 0:  # Counter.inc rejects non-positive values
+                self.metrics[name].inc(value, tags=tags)
+        self._bytes = bytes_written
+        self.metrics["write_queue_depth"].set(queue_depth, tags=tags)
+
+
+def _ray_running() -> bool:
+    # NOTE: look, never import: stages also run where Ray is not installed.
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _make() -> dict:
+    from ray.util.metrics import Counter, Gauge
+
+    keys = ("stage",)
+    return {
+        "tokens": Counter(PREFIX + "tokens", "Tokens run through the stage's layers.", tag_keys=keys),
+        "micro_batches": Counter(PREFIX + "micro_batches",
+                                 "Micro-batches whose activation files the stage has written.",
+                                 tag_keys=keys),
+        "bytes_written": Counter(PREFIX + "bytes_written", "Parquet bytes written by the stage.",
+                                 tag_keys=keys),
+        "busy_seconds": Counter(PREFIX + "busy_seconds", "Seconds the stage spent in forward.",
+                                tag_keys=keys),
+        "write_queue_depth": Gauge(PREFIX + "write_queue_depth",
+                                   "Micro-batches waiting for the stage's writer.", tag_keys=keys),
+    }
