@@ -32,11 +32,14 @@ def _commit(fs: pafs.FileSystem, temp: str, path: str) -> None:
     fs.move(temp, path)  # local: rename(2), atomic; object stores: the object appears whole
 
 
-def write_table(fs: pafs.FileSystem, path: str, table: pa.Table) -> int:
-    """Write `table` as Parquet at `path` atomically; returns the bytes written."""
+def write_table(fs: pafs.FileSystem, path: str, table: pa.Table, **options) -> int:
+    """Write `table` as Parquet at `path` atomically; returns the bytes written.
+
+    `options` go to `pyarrow.parquet.write_table` (e.g. use_dictionary, write_statistics).
+    """
     fs.create_dir(path.rpartition("/")[0], recursive=True)
     temp = _temp_beside(path)
-    pq.write_table(table, temp, filesystem=fs)
+    pq.write_table(table, temp, filesystem=fs, **options)
     size = fs.get_file_info(temp).size
     _commit(fs, temp, path)
     return size
