@@ -1,0 +1,113 @@
+"""Dashboard metrics and driver progress.
+
+A run on a local head exports the stage metrics on the node's Prometheus endpoint
+(`_metrics_export_port`, what `ray start --metrics-export-port` sets); the progress
+line counts tokens, rate and ETA from commits.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from cluster.config import load_config
+from cluster.progress import Progress, duration
+from cluster.run import execute
+from tests.test_run import run_config
+
+NAMES = ("tokens_total", "micro_batches_total", "bytes_written_total", "busy_seconds_total",
+         "write_queue_depth")
+SAMPLE = re.compile(r'^ray_moe_outliers_(\w+)\{(.*)\} (\S+)$')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def metrics_head():
+    """A local head exporting Prometheus metrics every second; yields the endpoint URL."""
+    import ray
+
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", _metrics_export_port=port,
+             _system_config={"metrics_report_interval_ms": 1000})
+    yield f"http://127.0.0.1:{port}/metrics"
+    ray.shutdown()
+
+
+def scrape(url: str) -> dict:
+    """{metric: {stage: value}} for our metrics, summed over workers."""
+    found: dict = defaultdict(lambda: defaultdict(float))
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for line in text.splitlines():
+        if match := SAMPLE.match(line):
+            name, labels, value = match.groups()
+            stage = re.search(r'stage="([^"]*)"', labels).group(1)
+            found[name][stage] += float(value)
+    return found
+
+
+def test_stage_metrics_reach_the_prometheus_endpoint(metrics_head, tiny_checkpoint, tmp_path):
+    config = load_config(run_config(tiny_checkpoint("qwen3_moe"), tmp_path / "run",
+                                    data={"num_sequences": 8}))
+    record = execute(config, log=lambda *_: None)["record"]
+    stages = [entry["name"] for entry in record["plan"]]
+    deadline, found = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:  # exported every report interval, not at once
+        found = scrape(metrics_head)
+        if all(set(found.get(n, {})) == set(stages) for n in NAMES[:-1]) and \
+                found["micro_batches_total"][stages[-1]] == 2:
+            break
+        time.sleep(1)
+    assert set(found) == set(NAMES)
+    for stage, stats in zip(stages, record["stage_stats"]):
+        assert found["tokens_total"][stage] == 8 * 32  # every token through every stage
+        assert found["micro_batches_total"][stage] == 2  # micro_batch_size 4
+        assert found["bytes_written_total"][stage] == stats["bytes_written"] > 0
+        assert found["busy_seconds_total"][stage] > 0
+        assert found["write_queue_depth"][stage] >= 0
+
+
+def test_stage_metrics_are_a_no_op_without_ray_and_never_import_it():
+    # A fresh interpreter: the GPU bench machine runs stages without Ray installed.
+    code = ("import sys; from actors.metrics import StageMetrics; m = StageMetrics('stage-0'); "
+            "m.observe(10, 0.1, 1, 100, 0); assert m.metrics is None; assert 'ray' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_prints_rate_and_eta_at_most_every_interval_and_at_the_end():
+    clock, lines = Clock(), []
+    progress = Progress({0: 100, 1: 100, 2: 100, 3: 100}, lines.append, every_s=5.0, clock=clock)
+    commit = progress.wrap(lambda indices: None)
+    clock.now = 1.0
+    commit([0])
+    clock.now = 2.0
+    commit([1])  # within 5 s of the last line: not shown
+    assert len(lines) == 1 and "1/4 micro-batches  100/400 tokens  100 tokens/s  ETA 0:03" in lines[0]
+    clock.now = 4.0
+    commit([2, 3])  # the end is always shown
+    assert len(lines) == 2
+    assert "100.0%" in lines[1] and "4/4 micro-batches  400/400 tokens  100 tokens/s  ETA 0:00" in lines[1]
+
+
+def test_duration_formats_minutes_and_hours():
+    assert duration(65) == "1:05" and duration(3725) == "1:02:05"
