@@ -1,6 +1,7 @@
 """Fault injection for the reliability tests: real faults, triggered by an environment variable.
 
-`MOE_OUTLIERS_FAULTS` holds a JSON list of faults, each
+`MOE_OUTLIERS_FAULTS` names a JSON file (re-read before every micro-batch, so a test
+can arm and disarm faults while a run goes on) holding a list of faults, each
 `{"kind": "kill" | "oom" | "delay", "stage": i, "batch": m, "once": "/path/marker", ...}`:
   - kill: the stage's worker process sends itself SIGKILL before running micro-batch m;
   - oom: running more than `max_rows` sequences at once raises torch.OutOfMemoryError;
@@ -22,8 +23,11 @@ ENV = "MOE_OUTLIERS_FAULTS"
 
 
 def _faults(stage: int) -> list[dict]:
-    raw = os.environ.get(ENV)
-    return [f for f in json.loads(raw) if f.get("stage", stage) == stage] if raw else []
+    path = os.environ.get(ENV)
+    if not path:
+        return []
+    with open(path) as f:
+        return [fault for fault in json.load(f) if fault.get("stage", stage) == stage]
 
 
 def _claim(fault: dict) -> bool:

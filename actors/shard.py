@@ -171,8 +171,13 @@ def load_full(model_path: str, dtype: str = "float32", **kwargs) -> nn.Module:
 
 def checkpoint_dir(model_path: str) -> str:
     """A local directory for a checkpoint: as given, or the local HF cache snapshot."""
-    if Path(model_path).is_dir():
-        return str(Path(model_path).resolve())
+    if Path(model_path).expanduser().is_dir():
+        return str(Path(model_path).expanduser().resolve())
+    if model_path.startswith(("/", ".", "~")) or Path(model_path).exists():
+        raise ModelLoadError(
+            f"model.path={model_path!r}: no checkpoint directory there. Give a directory holding "
+            "config.json and *.safetensors, or a Hugging Face id like 'allenai/OLMoE-1B-7B-0924'."
+        )
     from huggingface_hub import snapshot_download
 
     try:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from actors import faults
 from actors.capture import Capture
 from actors.metrics import StageMetrics
 from actors.shard import ShardSpec, load_shard
@@ -39,7 +40,6 @@ class StageSpec:
     last: bool = False           # the last stage passes no hidden states on
     storage: str = "dense"       # dense activations, or exceedances (|x| >= floor) plus stats
     floor: float = 3.0           # smallest |x| kept in exceedances mode
-    faults: dict = field(default_factory=dict)  # test-only fault injection
 
 
 def pick_device(device: str) -> torch.device:
@@ -68,6 +68,15 @@ def attention_masks(config, hidden, attention_mask, position_ids, kinds) -> dict
         )
         for kind in set(kinds)
     }
+
+
+def halves(batch: MicroBatch) -> list[MicroBatch]:
+    cut = len(batch.seqs) // 2
+    return [
+        MicroBatch(batch.index, batch.seqs[rows], batch.input_ids[rows], batch.attention_mask[rows],
+                   None if batch.hidden is None else batch.hidden[rows])
+        for rows in (slice(0, cut), slice(cut, None))
+    ]
 
 
 class StageActor:
@@ -120,9 +129,9 @@ class StageActor:
     def forward(self, batch: MicroBatch) -> tuple[MicroBatch, list[int]]:
         """Run one micro-batch; returns it for the next stage, and micro-batches now committed."""
         started = time.perf_counter()
-        self._inject(batch.index)
-        hidden = self.run_layers(batch)
-        self.writer.submit(batch, self.capture.pop())
+        faults.before_batch(self.spec.index, batch.index)
+        hidden, captured = self.run_split(batch)
+        self.writer.submit(batch, captured)
         # NOTE: the one device-to-host copy of the hidden states; the last stage skips it.
         onward = None if self.spec.last else hidden.cpu()
         out = MicroBatch(batch.index, batch.seqs, batch.input_ids, batch.attention_mask, onward)
@@ -131,6 +140,27 @@ class StageActor:
         written = self.writer.committed()
         self._observe(int(batch.attention_mask.sum()), time.perf_counter() - started, written)
         return out, written
+
+    def run_split(self, batch: MicroBatch) -> tuple[torch.Tensor, dict]:
+        """`run_layers` and its captures; on out-of-memory, the two halves one after the other.
+
+        Rows of a batch do not interact, so the halves give the same values as the whole.
+        """
+        try:
+            faults.before_layers(self.spec.index, len(batch.seqs))
+            hidden = self.run_layers(batch)
+            return hidden, self.capture.pop()
+        except torch.OutOfMemoryError:
+            self.capture.pop()
+            if len(batch.seqs) == 1:
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"stage-{self.spec.index}: out of memory on micro-batch {batch.index} "
+                  f"({len(batch.seqs)} sequences); running it in halves", flush=True)
+            parts = [self.run_split(half) for half in halves(batch)]
+            captured = {key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1]}
+            return torch.cat([p[0] for p in parts]), captured
 
     def flush(self) -> list[int]:
         """Block until every submitted micro-batch is written; returns those not yet reported."""
@@ -162,11 +192,6 @@ class StageActor:
 
     def stats(self) -> dict:
         return {"busy_s": self.busy_s, "tokens": self.tokens, "bytes_written": self.writer.writer.bytes_written}
-
-    def _inject(self, index: int) -> None:
-        """Test-only faults, keyed by micro-batch index (see tests/test_faults.py)."""
-        if self.spec.faults.get("kill_at") == index:
-            os._exit(1)
 
 
 def _ray_node_id() -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import uuid
 
 import pyarrow as pa
@@ -61,3 +62,85 @@ def read_json(fs: pafs.FileSystem, path: str):
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def remove_debris(fs: pafs.FileSystem, root: str) -> int:
+    """Delete `.*.tmp-*` files an interrupted run left behind; returns how many."""
+    selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+    debris = [
+        info.path for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.File and info.base_name.startswith(".") and ".tmp-" in info.base_name
+    ]
+    for path in debris:
+        fs.delete_file(path)
+    return len(debris)
+
+
+class LockedError(RuntimeError):
+    """Another live run holds the run directory."""
+
+
+class RunLock:
+    """`RUN/.lock` while a run writes there, so two runs never write the same directory.
+
+    The lock names its holder (host, pid). A lock left by a process that is gone (same
+    host, pid not alive) is taken over, so a crashed run can be resumed at once.
+    On object stores the check-then-write is best effort (they have no exclusive create).
+    """
+
+    def __init__(self, output: str):
+        self.fs, root = resolve(output)
+        self.path = f"{root}/.lock"
+        self.output = output
+        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    def __enter__(self):
+        self.fs.create_dir(self.path.rpartition("/")[0], recursive=True)
+        for _ in range(2):
+            if self._create():
+                return self
+            holder = self._holder()
+            if holder and not self._stale(holder):
+                raise LockedError(
+                    f"storage.output={self.output!r} is in use by another run (pid {holder['pid']} "
+                    f"on {holder['host']}). Wait for it to finish, or choose another --output."
+                )
+            self.fs.delete_file(self.path)  # stale: its writer is gone
+        raise LockedError(f"could not lock {self.path}; remove it if no run is using {self.output!r}.")
+
+    def __exit__(self, *exc):
+        if self._holder() == self.me:
+            self.fs.delete_file(self.path)
+
+    def _create(self) -> bool:
+        body = json.dumps(self.me).encode()
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            return True
+        if exists(self.fs, self.path):
+            return False
+        with self.fs.open_output_stream(self.path) as out:
+            out.write(body)
+        return True
+
+    def _holder(self) -> dict | None:
+        try:
+            return read_json(self.fs, self.path)
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("host") != self.me["host"]:
+            return False  # cannot see other machines' processes: assume alive
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False

@@ -50,6 +50,7 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from actors.shard import ModelLoadError
+    from actors.storage import LockedError
     from analysis.scan import RunError as AnalysisError
     from cluster.config import ConfigError
     from cluster.data import DataError
@@ -57,7 +58,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from cluster.plan import PlanError
     from cluster.run import RunError
 
-    return ConfigError, ModelLoadError, DataError, PlacementError, PlanError, RunError, AnalysisError
+    return ConfigError, ModelLoadError, DataError, PlacementError, PlanError, RunError, AnalysisError, LockedError
 
 
 def main(argv: list[str] | None = None) -> int:

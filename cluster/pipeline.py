@@ -75,21 +75,31 @@ def lost_stage(err: BaseException) -> bool:
 
 
 def await_stages(stages: list, timeout_s: float) -> None:
-    """Return once every stage answers; StageLost if one cannot be restarted in time."""
+    """Return once every stage answers; StageLost if one is dead or not back in time."""
+    import time
+
     import ray
 
+    deadline = time.monotonic() + timeout_s
     for index, stage in enumerate(stages):
-        ready, _ = ray.wait([ping := stage.info.remote()], timeout=timeout_s)
-        try:
-            if not ready:
-                raise TimeoutError
-            ray.get(ping)
-        except (TimeoutError, ray.exceptions.RayError) as err:
-            raise StageLost(
-                f"stage-{index} died and could not be restarted within {timeout_s:g} s "
-                f"({type(err).__name__}); the cluster has {ray.cluster_resources()}. "
-                "Committed micro-batches are kept: free or add resources and rerun with --resume."
-            ) from None
+        while True:
+            left = deadline - time.monotonic()
+            ready, _ = ray.wait([ping := stage.info.remote()], timeout=max(left, 0))
+            try:
+                if ready:
+                    ray.get(ping)
+                    break
+            except ray.exceptions.ActorUnavailableError:  # restarting: ask again shortly
+                time.sleep(0.2)
+            except ray.exceptions.RayError as err:
+                raise StageLost(f"stage-{index} died for good ({type(err).__name__}): {err}. "
+                                "Committed micro-batches are kept; rerun with --resume.") from None
+            if time.monotonic() >= deadline:
+                raise StageLost(
+                    f"stage-{index} died and could not be restarted within {timeout_s:g} s; the "
+                    f"cluster has {ray.cluster_resources()}. Committed micro-batches are kept: "
+                    "free or add resources and rerun with --resume."
+                )
 
 
 def drive(stages: list, batches: list[MicroBatch], in_flight: int,

@@ -164,6 +164,20 @@ def new_record(config: RunConfig, prepared: Prepared) -> dict:
     }
 
 
+RESUME_KEYS = ("model", "data", "storage")  # what must match for committed files to be reused
+
+
+def same_run(old: dict, new: dict) -> bool:
+    """Whether a stored config produces the same micro-batches and files as `new`."""
+    import json
+
+    def key(config):
+        config = json.loads(json.dumps(config, default=str))  # tuples and lists alike
+        return [config[k] for k in RESUME_KEYS], config["pipeline"]["micro_batch_size"]
+
+    return key(old) == key(new)
+
+
 def open_ledger(config: RunConfig, prepared: Prepared, resume: bool) -> Ledger:
     """A fresh ledger, or the existing one when resuming the same run."""
     fs, root = storage.resolve(config.storage.output)
@@ -175,39 +189,47 @@ def open_ledger(config: RunConfig, prepared: Prepared, resume: bool) -> Ledger:
                 f"storage.output={config.storage.output!r} already holds a run "
                 f"(status {old.get('status')!r}). Pass --resume to continue it, or choose another --output."
             )
-        if old["config"] != ledger.record["config"]:
+        if not same_run(old["config"], ledger.record["config"]):
             raise RunError(
-                f"--resume: the run in {config.storage.output!r} was made with a different config; "
-                "resume with the same config and flags, or choose another --output."
+                f"--resume: the run in {config.storage.output!r} was made with a different "
+                f"model, data, storage or micro_batch_size; resume with the same config and flags, "
+                "or choose another --output."
             )
+        old["config"], old["status"] = ledger.record["config"], "running"
         ledger.record = old
-        ledger.record["status"] = "running"
+        removed = storage.remove_debris(fs, root)
+        if removed:
+            print(f"resume: removed {removed} partial files left by the interrupted run")
     ledger.save()
     return ledger
 
 
-def execute(config: RunConfig, resume: bool = False, log=print) -> dict:
-    """Run extraction and analysis; returns the final run record."""
+def place_stages(config: RunConfig, prepared: Prepared, ledger: Ledger):
+    """Connect to Ray and reserve one bundle per stage; returns (group, bundles)."""
     import ray
 
-    from analysis import analyse
-    from cluster.pipeline import drive, stage_name, start_stages
-
-    started = time.perf_counter()
-    prepared = prepare(config)
-    ledger = open_ledger(config, prepared, resume)
-    timings = ledger.record["timings"]
-    log(f"model {prepared.model_path} ({ledger.record['num_layers']} layers, hidden {ledger.record['hidden_size']})")
-    log(describe(prepared.stages, prepared.stage_bytes))
-
-    mark = time.perf_counter()
-    placement.connect()
-    bundles = placement.stage_bundles(len(prepared.stages), config.pipeline.cpus_per_stage, config.pipeline.device)
-    strategy = placement.choose_strategy(bundles, config.pipeline.placement)
-    group = placement.reserve(bundles, config.pipeline.placement_timeout_s, strategy)
+    pipe = config.pipeline
+    how = placement.connect()
+    print(f"ray: {how} a cluster with {placement.describe_resources(ray.cluster_resources())}")
+    bundles = placement.stage_bundles(len(prepared.stages), pipe.cpus_per_stage, pipe.device)
+    strategy = placement.choose_strategy(bundles, pipe.placement)
+    group = placement.reserve(bundles, pipe.placement_timeout_s, strategy)
     ledger.record["placement"] = {"strategy": strategy, "bundle_nodes": placement.bundle_nodes(group)}
+    return group, bundles
+
+
+def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, log) -> None:
+    """Place the stages, load them and run every uncommitted micro-batch through them."""
+    import ray
+
+    from cluster.pipeline import StageLost, drive, stage_name, start_stages
+
+    timings = ledger.record["timings"]
+    mark = time.perf_counter()
+    group, bundles = place_stages(config, prepared, ledger)
     timings["cluster_start_s"] = time.perf_counter() - mark
     specs = stage_specs(config, prepared, config.storage.output)
+    stages = []
     try:
         mark = time.perf_counter()
         stages = start_stages(specs, group, bundles)
@@ -216,23 +238,44 @@ def execute(config: RunConfig, resume: bool = False, log=print) -> dict:
         for entry, info in zip(ledger.record["plan"], infos):
             entry.update(info, name=stage_name(specs[info["stage"]]))
         ledger.save()
+        strategy = ledger.record["placement"]["strategy"]
         log(placement.describe_placement(ledger.record["plan"], strategy))
 
         mark = time.perf_counter()
         todo = micro_batches(prepared.tokens, config.pipeline.micro_batch_size, ledger.committed())
         progress = Progress({b.index: int(b.attention_mask.sum()) for b in todo}, log)
-        drive(stages, todo, config.pipeline.in_flight, progress.wrap(ledger.commit))
+        drive(stages, todo, config.pipeline.in_flight, progress.wrap(ledger.commit),
+              revive_timeout_s=config.pipeline.placement_timeout_s, log=log)
         timings["extract_s"] = time.perf_counter() - mark
         ledger.record["stage_stats"] = ray.get([s.stats.remote() for s in stages])
+    except StageLost as err:
+        ledger.record["status"] = "stopped"
+        ledger.save()
+        raise RunError(str(err)) from None
     finally:
-        for stage in locals().get("stages", []):
+        for stage in stages:
             ray.kill(stage)
         ray.util.remove_placement_group(group)
 
-    mark = time.perf_counter()
-    summary = analyse(config.storage.output, config.analysis.criteria(), config.analysis.num_actors)
-    timings["analysis_s"] = time.perf_counter() - mark
-    timings["total_s"] = time.perf_counter() - started
-    ledger.record["status"] = "complete"
-    ledger.save()
+
+def execute(config: RunConfig, resume: bool = False, log=print) -> dict:
+    """Run extraction and analysis; returns the final run record and the summary."""
+    from analysis import analyse
+
+    started = time.perf_counter()
+    prepared = prepare(config)
+    with storage.RunLock(config.storage.output):
+        ledger = open_ledger(config, prepared, resume)
+        log(f"model {prepared.model_path} ({ledger.record['num_layers']} layers, "
+            f"hidden {ledger.record['hidden_size']})")
+        log(describe(prepared.stages, prepared.stage_bytes))
+        extract(config, prepared, ledger, log)
+
+        mark = time.perf_counter()
+        summary = analyse(config.storage.output, config.analysis.criteria(), config.analysis.num_actors)
+        timings = ledger.record["timings"]
+        timings["analysis_s"] = time.perf_counter() - mark
+        timings["total_s"] = time.perf_counter() - started
+        ledger.record["status"] = "complete"
+        ledger.save()
     return {"record": ledger.record, "summary": summary}

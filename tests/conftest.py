@@ -52,13 +52,22 @@ def token_batch(seed: int, batch: int, seq: int, vocab: int = 512, pad_last: int
     return ids, mask
 
 
-def reference_activations(model_path: str, dtype: str, ids, mask) -> dict:
-    """{(layer, site): float32 numpy # [batch, seq, hidden]} from a plain from_pretrained forward."""
+def reference_activations(model_path: str, dtype: str, ids, mask, micro_batch: int) -> dict:
+    """{(layer, site): float32 numpy # [batch, seq, hidden]} from a plain from_pretrained forward.
+
+    NOTE: the forward runs on the same micro-batches as the pipeline. MoE expert kernels
+    (grouped_mm, eager) round differently with the number of tokens an expert gets, so a
+    token's last bits depend on which tokens share its batch; batched_mm does not.
+    """
     model = load_full(model_path, dtype)
     capture = Capture(dict(enumerate(model.model.layers)))
+    parts = []
     with torch.inference_mode():
-        model(input_ids=ids, attention_mask=mask)
-    return {key: value.float().numpy() for key, value in capture.pop().items()}
+        for start in range(0, len(ids), micro_batch):
+            rows = slice(start, start + micro_batch)
+            model(input_ids=ids[rows], attention_mask=mask[rows])
+            parts.append(capture.pop())
+    return {key: torch.cat([p[key] for p in parts]).float().numpy() for key in parts[0]}
 
 
 def read_site(run_dir, layer: int, site: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

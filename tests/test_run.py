@@ -57,7 +57,8 @@ def test_ray_run_equals_single_forward(ray_cluster, planted_checkpoint, tmp_path
     assert set(record["timings"]) >= {"cluster_start_s", "load_s", "extract_s", "analysis_s", "total_s"}
 
     tokens = packed_tokens(planted_checkpoint, config)
-    expected = reference_activations(planted_checkpoint, dtype, tokens, torch.ones_like(tokens))
+    expected = reference_activations(planted_checkpoint, dtype, tokens, torch.ones_like(tokens),
+                                     micro_batch=config.pipeline.micro_batch_size)
     for layer in range(6):
         for site in SITES:
             seq, pos, act = read_site(tmp_path / "run", layer, site)
