@@ -14,6 +14,8 @@ import sys
 import time
 
 from analysis.criteria import Criteria, feature_stats, outlier_features
+from analysis.html import write_visual_report
+from analysis.profile import median_abs
 from analysis.report import build_summary, feature_table, write_outputs
 from analysis.scan import (
     Partial,
@@ -77,6 +79,9 @@ def analyse(
         },
     )
     write_outputs(run_dir, summary, features)
+    # Plots, layer profile and report.html (analysis/html.py); report.md gains plot links.
+    medians = median_abs(run_dir, info, partitions)
+    write_visual_report(run_dir, summary, per_dim, partial.stats, medians)
     return summary
 
 

@@ -1,5 +1,7 @@
 """Re-analyse a finished run without re-extracting: `python -m analysis RUN [flags]`.
 
+`python -m analysis compare RUN1 RUN2 ...` tabulates and plots several runs (analysis/compare.py).
+
 Criteria default to the run config's `analysis:` section (run.json); flags override them.
 Prints the outlier feature table and writes the outputs into RUN (see analysis/report.py).
 Exit codes: 0 done, 2 the run or the flags cannot be used (one line on stderr says why).
@@ -31,6 +33,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # `python -m analysis compare RUN1 RUN2 ...`
+        from analysis.compare import main as compare
+
+        return compare(argv[1:])
     args = parse(argv)
     warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
     try:

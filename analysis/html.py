@@ -1,0 +1,115 @@
+"""The report people look at: RUN/report.html (self-contained) and plots under RUN/analysis/plots/.
+
+    RUN/report.html                       facts, criteria, outlier table, the four plots (embedded)
+    RUN/report.md                         report.md of analysis/report.py plus links to the plots
+    RUN/analysis/plots/<name>.png         the same plots, for papers and notebooks
+    RUN/analysis/layer_profile.parquet    per layer: top1..top3 max |x|, top1 dim, median |x|
+                                          (what `python -m analysis compare` plots across runs)
+
+Every number in the HTML is formatted from the summary dict that summary.json holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+
+import polars as pl
+
+from actors.storage import resolve, write_table
+from analysis import plots
+from analysis.profile import layer_maxima, layer_profile, top_dims
+from analysis.report import _ranges, _write_text, markdown
+
+TITLES = {
+    "heatmap": "max |x| per layer and dim",
+    "layer_coverage": "per-dim layer coverage",
+    "token_coverage": "per-dim token coverage",
+    "massive": "massive activations: top-k |x| vs median per layer",
+}
+
+
+def figures(summary: dict, per_dim: pl.DataFrame, stats: pl.DataFrame,
+            profile: pl.DataFrame) -> dict[str, bytes]:
+    """{name: PNG} for the four report plots."""
+    c = summary["criteria"]
+    dims = top_dims(per_dim, [f["dim"] for f in summary["outlier_features"]])
+    layer_column = "layer_fraction" if c["layer_unit"] == "layer" else "site_fraction"
+    return {
+        "heatmap": plots.heatmap(layer_maxima(stats), dims, summary["num_layers"], c["threshold"]),
+        "layer_coverage": plots.coverage(per_dim, dims, layer_column, c["min_layer_fraction"],
+                                         f"share of layers with |x| >= {c['threshold']:g}"),
+        "token_coverage": plots.coverage(per_dim, dims, "token_fraction", c["min_token_fraction"],
+                                         f"share of tokens with |x| >= {c['threshold']:g}"),
+        "massive": plots.massive(profile),
+    }
+
+
+def write_visual_report(run_dir: str, summary: dict, per_dim: pl.DataFrame, stats: pl.DataFrame,
+                        medians: pl.DataFrame | None) -> list[str]:
+    """Write plots, layer profile, report.html and report.md with plot links; returns paths."""
+    fs, root = resolve(str(run_dir))
+    profile = layer_profile(stats, medians)
+    images = figures(summary, per_dim, stats, profile)
+    paths = []
+    for name, png in images.items():
+        paths.append(f"{root}/analysis/plots/{name}.png")
+        fs.create_dir(f"{root}/analysis/plots", recursive=True)
+        with fs.open_output_stream(paths[-1]) as out:
+            out.write(png)
+    paths.append(f"{root}/analysis/layer_profile.parquet")
+    write_table(fs, paths[-1], profile.to_arrow())
+    paths.append(f"{root}/report.html")
+    _write_text(fs, paths[-1], page(summary, images))
+    paths.append(f"{root}/report.md")
+    links = "\n".join(f"![{TITLES[n]}](analysis/plots/{n}.png)\n" for n in images)
+    _write_text(fs, paths[-1], markdown(summary) + "\n## Plots\n\n" + links)
+    return paths
+
+
+def feature_rows(summary: dict) -> list[list[str]]:
+    """The outlier table's cells, formatted as report.md formats them."""
+    return [
+        [str(f["dim"]), f"{f['max_abs']:.2f}", f"{100 * f['layer_fraction']:.1f}",
+         f"{100 * f['token_fraction']:.1f}", str(f["occurrences"]), f["classification"],
+         _ranges(f["layers"])]
+        for f in sorted(summary["outlier_features"], key=lambda f: f["dim"])
+    ]
+
+
+HEADER = ["Feature", "Max magnitude", "% layers", "% tokens", "Occurrences", "Classification", "Layers"]
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
+         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;"
+         "text-align:right}img{max-width:100%;display:block;margin:1em 0}")
+
+
+def page(summary: dict, images: dict[str, bytes]) -> str:
+    """report.html: one file, images embedded as data URIs so it can be mailed or downloaded."""
+    c = summary["criteria"]
+    esc = html.escape
+    facts = {
+        "layers": summary["num_layers"], "hidden size": summary["hidden_size"],
+        "tokens per layer-site": summary["tokens"], "storage": summary["storage_mode"],
+        "outlier features": summary["num_outlier_features"],
+        **{k: v for k, v in summary["by_classification"].items()},
+    }
+    rows = feature_rows(summary) or [["(none)"] + [""] * (len(HEADER) - 1)]
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<title>Outlier features</title>", f"<style>{STYLE}</style></head><body>",
+        "<h1>Outlier features</h1>",
+        '<table id="facts">' + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
+                                       for k, v in facts.items()) + "</table>",
+        "<h2>Criteria (LLM.int8(), Dettmers et al. 2022)</h2>",
+        '<table id="criteria">' + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
+                                          for k, v in c.items()) + "</table>",
+        f"<h2>Found: {summary['num_outlier_features']} outlier features</h2>",
+        '<table id="features"><tr>' + "".join(f"<th>{h}</th>" for h in HEADER) + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+        + "</table>",
+    ]
+    for name, png in images.items():
+        data = base64.b64encode(png).decode()
+        parts += [f"<h2>{esc(TITLES[name])}</h2>",
+                  f'<img id="{name}" alt="{esc(TITLES[name])}" src="data:image/png;base64,{data}">']
+    return "\n".join(parts + ["</body></html>", ""])
