@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     print(feature_table(result["summary"]["outlier_features"]))
     timings = ", ".join(f"{k} {v:.1f}" for k, v in record["timings"].items())
     print(f"\n{record['tokens']} tokens x {record['num_layers']} layers; timings (s): {timings}")
-    print(f"run: {record['output']}  (report.md, analysis/summary.json, run.json)")
+    print(f"run: {record['output']}  (report.html, report.md, analysis/summary.json, run.json)")
     return 0
 
 
