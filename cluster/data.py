@@ -20,6 +20,12 @@ Packing (`pack_sequences`):
   span two sequences, and the tail beyond the last full window is dropped.
   Texts are read only until enough tokens exist, so streamed sources are
   consumed lazily.
+
+Order (`shuffle_documents`, ``data.shuffle_seed``):
+  Sources are read in a fixed order. With a seed, documents pass through a
+  buffer of ``buffer`` documents from which one is drawn at random for each one
+  read (as HF streaming's ``shuffle`` does), so a streamed source is shuffled
+  without being read whole; the same seed gives the same sequences.
 """
 from __future__ import annotations
 
@@ -127,6 +133,23 @@ def _frame_document(tokenizer, ids: list[int]) -> list[int]:
     head = [bos] if bos is not None else []
     tail = [eos] if eos is not None else []
     return head + list(ids) + tail
+
+
+def shuffle_documents(texts: Iterable[str], seed: int, buffer: int = 1000) -> Iterator[str]:
+    """`texts` in a seeded buffered-shuffle order: every document once, same seed same order."""
+    import random
+
+    rng = random.Random(seed)
+    pool: list[str] = []
+    for text in texts:
+        if len(pool) < buffer:
+            pool.append(text)
+            continue
+        pick = rng.randrange(buffer)
+        yield pool[pick]
+        pool[pick] = text
+    rng.shuffle(pool)
+    yield from pool
 
 
 def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:

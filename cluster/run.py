@@ -18,7 +18,7 @@ from actors.stage import StageSpec
 from actors.writer import MicroBatch
 from cluster import placement
 from cluster.config import RunConfig
-from cluster.data import load_texts, pack_sequences
+from cluster.data import load_texts, pack_sequences, shuffle_documents
 from cluster.plan import PlanError, describe, plan_micro_batches, plan_stages, stage_bytes
 from cluster.progress import Progress
 from cluster.tiny_model import build_tiny
@@ -67,6 +67,8 @@ def prepare(config: RunConfig) -> Prepared:
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     texts = load_texts(config.data.source, config.data.text_field, config.data.split)
+    if config.data.shuffle_seed is not None:
+        texts = shuffle_documents(texts, config.data.shuffle_seed)
     tokens = pack_sequences(
         tokenizer, texts, config.data.num_sequences, config.data.seq_len,
         source=f"data.source={config.data.source!r}",
