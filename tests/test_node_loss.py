@@ -1,0 +1,114 @@
+"""A node is lost mid-run (several raylets on one machine, one fake GPU each).
+
+With a spare node, the lost stage's bundle and actor move there and the run ends with the
+same tables as a fault-free run. Without one, the run stops with a clear message, its
+committed micro-batches stay valid, and --resume finishes it once a node is back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from actors import faults
+from cluster.config import load_config
+from cluster.run import RunError, execute
+from tests.test_faults import assert_same_tables, config_dict, wait_for_commits
+
+NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20}
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """Head (CPU only) + 3 one-GPU nodes; stage 0 is slowed down so a kill lands mid-run."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps([{"kind": "delay", "stage": 0, "seconds": 0.3}]))
+    os.environ[faults.ENV] = str(slow)  # inherited by the raylets started below
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False})
+    workers = [cluster.add_node(**NODE) for _ in range(3)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR")
+    yield cluster, workers, slow
+    ray.shutdown()
+    cluster.shutdown()
+    os.environ.pop(faults.ENV, None)
+
+
+def gpu_config(checkpoint, output) -> dict:
+    config = config_dict(checkpoint, output)
+    config["pipeline"].update(device="auto", placement="spread", placement_timeout_s=20)
+    config["analysis"] = {"num_actors": 1}
+    return config
+
+
+def start_run(config) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = execute(config, log=lambda *_: None)
+        except BaseException as err:  # handed to the test thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
+
+
+def remove_stage_node(cluster, workers, ledger, stage: int):
+    wait_for_commits(ledger, at_least=2, timeout_s=120)
+    node_id = json.loads(ledger.read_text())["plan"][stage]["node_id"]
+    (node,) = [w for w in workers if w.node_id == node_id]
+    cluster.remove_node(node)
+    return node
+
+
+def test_lost_node_moves_its_stage_to_a_spare(cluster, planted_checkpoint, tmp_path):
+    cluster, workers, slow = cluster
+    output = tmp_path / "run"
+    thread, outcome = start_run(load_config(gpu_config(planted_checkpoint, output)))
+    removed = remove_stage_node(cluster, workers, output / "run.json", stage=1)
+    thread.join(timeout=240)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    assert json.loads((output / "run.json").read_text())["status"] == "complete"
+
+    slow.write_text("[]")
+    clean = tmp_path / "clean"
+    execute(load_config(gpu_config(planted_checkpoint, clean)), log=lambda *_: None)
+    assert assert_same_tables(output, clean) == 12 * 32 * 12
+    assert removed.node_id not in json.loads((clean / "run.json").read_text())["placement"]["bundle_nodes"]
+
+
+def test_no_room_left_stops_clearly_and_resumes(cluster, planted_checkpoint, tmp_path):
+    cluster, workers, slow = cluster
+    spare = workers[2]
+    output = tmp_path / "run"
+    config = load_config(gpu_config(planted_checkpoint, output))
+    cluster.remove_node(spare)  # only the two stage nodes remain
+    thread, outcome = start_run(config)
+    remove_stage_node(cluster, workers[:2], output / "run.json", stage=1)
+    thread.join(timeout=240)
+    assert not thread.is_alive()
+    assert isinstance(outcome.get("error"), RunError), outcome
+    assert "could not be restarted within 20 s" in str(outcome["error"])
+    assert "--resume" in str(outcome["error"])
+    record = json.loads((output / "run.json").read_text())
+    assert record["status"] == "stopped"
+    committed = [b for b in record["batches"].values() if b["status"] == "committed"]
+    assert 2 <= len(committed) < 12
+
+    cluster.add_node(**NODE)
+    cluster.wait_for_nodes()
+    slow.write_text("[]")
+    execute(config, resume=True, log=lambda *_: None)
+    clean = tmp_path / "clean"
+    execute(load_config(gpu_config(planted_checkpoint, clean)), log=lambda *_: None)
+    assert assert_same_tables(output, clean) == 12 * 32 * 12
