@@ -1,0 +1,100 @@
+"""(c) and (d): this project's runs through Ray, and the analysis against the Parquet read floor.
+
+Each repeat is a whole `cluster.run.execute` into a fresh run directory; we keep its own
+timings: cluster start and stage load apart from extraction. The bubble is the share of
+the extraction wall time a stage spent not computing, averaged over stages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from bench.baselines import timed
+
+
+def start_ray(num_cpus: int = 2) -> float:
+    """A fresh local Ray cluster of `num_cpus` (never someone else's); returns seconds taken."""
+    import ray
+
+    # NOTE: Ray renices its workers to 15, so on a busy machine the stages would lose the CPU
+    # to the plain forward (a) and (b) running in this process at 0; the rows compare alike.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    start = time.perf_counter()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    return time.perf_counter() - start
+
+
+def data_bytes(run_dir: Path) -> int:
+    """Bytes of the run's captured tables (activations, or exceedances and stats)."""
+    return sum(f.stat().st_size for kind in ("activations", "exceedances", "stats")
+               for f in (run_dir / kind).rglob("*.parquet"))
+
+
+def run_rows(workload, root: Path, num_stages: int, mode: str, repeats: int) -> dict:
+    """Median figures of `repeats` runs of one (stages, mode) configuration."""
+    from cluster.config import load_config
+    from cluster.run import execute
+
+    runs = []
+    for i in range(repeats):
+        out = root / f"{mode}-{num_stages}-{i}"
+        shutil.rmtree(out, ignore_errors=True)
+        record = execute(load_config(workload.config(str(out), num_stages, mode)), log=lambda *_: None)["record"]
+        timings, stats = record["timings"], record.get("stage_stats") or []
+        busy = [s["busy_s"] for s in stats if "busy_s" in s]
+        runs.append({
+            "extract_s": timings["extract_s"], "load_s": timings["load_s"],
+            "cluster_start_s": timings["cluster_start_s"],
+            "bubble": 1 - statistics.mean(busy) / timings["extract_s"] if busy else None,
+            "bytes": data_bytes(out), "tokens": record["tokens"], "run_dir": str(out),
+        })
+    middle = sorted(runs, key=lambda r: r["extract_s"])[len(runs) // 2]  # the median run itself
+    return {**middle, "extract_runs": [r["extract_s"] for r in runs],
+            "bubble_runs": [r["bubble"] for r in runs]}
+
+
+def read_floor(run_dir: Path) -> float:
+    """Seconds to read every captured Parquet file of a run into memory, nothing else."""
+    import polars as pl
+
+    files = [f for kind in ("activations", "exceedances", "stats")
+             for f in sorted((run_dir / kind).rglob("*.parquet"))]
+    for path in files:
+        pl.read_parquet(path, hive_partitioning=False)
+    return len(files)
+
+
+def analysis_rows(run_dir: str, repeats: int) -> dict:
+    """Median analysis time (in-process) against the median time to only read its files.
+
+    `analysis_s` is the scan and the criteria (the summary's own `seconds.total`); writing
+    the report (tables, plots) is a fixed cost per run, reported apart as `report_s`.
+    """
+    from analysis import analyse
+
+    read_s, read_runs = timed(lambda: read_floor(Path(run_dir)), repeats)
+    walls, computes, summary = [], [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        summary = analyse(run_dir)
+        walls.append(time.perf_counter() - start)
+        computes.append(summary["seconds"]["total"])
+    analysis_s, wall_s = statistics.median(computes), statistics.median(walls)
+    return {"read_s": read_s, "analysis_s": analysis_s, "report_s": wall_s - analysis_s,
+            "bytes": data_bytes(Path(run_dir)), "read_runs": read_runs, "analysis_runs": computes,
+            "features": [f["dim"] for f in summary["outlier_features"]]}
+
+
+def cleanup(root: Path, keep: set[str]) -> None:
+    """Remove run directories except those still needed (they can be large)."""
+    for path in root.iterdir():
+        if path.is_dir() and str(path) not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))
