@@ -114,7 +114,7 @@ def pack_sequences(tokenizer, texts: Iterable[str], num_sequences: int, seq_len:
     for batch in _batches(texts, size=32):
         # Batched calls are much faster with fast tokenizers; the batch stays
         # small so streamed sources are not over-read.
-        encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
         for ids in encoded:
             stream.extend(_frame_document(tokenizer, ids))
             num_docs += 1

@@ -66,6 +66,7 @@ def prepare(config: RunConfig) -> Prepared:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.model_max_length = 1 << 62  # we cut the packed stream ourselves: no length warning
     texts = load_texts(config.data.source, config.data.text_field, config.data.split)
     if config.data.shuffle_seed is not None:
         texts = shuffle_documents(texts, config.data.shuffle_seed)
@@ -220,11 +221,20 @@ def place_stages(config: RunConfig, prepared: Prepared, ledger: Ledger):
     return group, bundles
 
 
+def record_placement(ledger: Ledger, infos: list[dict], specs: list[StageSpec]) -> None:
+    """Merge each stage's own report (node, device, pid, bytes) into the stored plan."""
+    from cluster.pipeline import stage_name
+
+    for entry, info in zip(ledger.record["plan"], infos):
+        entry.update(info, name=stage_name(specs[info["stage"]]))
+    ledger.save()
+
+
 def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, log) -> None:
     """Place the stages, load them and run every uncommitted micro-batch through them."""
     import ray
 
-    from cluster.pipeline import StageLost, drive, stage_name, start_stages
+    from cluster.pipeline import StageLost, drive, start_stages
 
     timings = ledger.record["timings"]
     mark = time.perf_counter()
@@ -235,11 +245,8 @@ def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, log) -> None:
     try:
         mark = time.perf_counter()
         stages = start_stages(specs, group, bundles)
-        infos = ray.get([s.info.remote() for s in stages])
+        record_placement(ledger, ray.get([s.info.remote() for s in stages]), specs)
         timings["load_s"] = time.perf_counter() - mark
-        for entry, info in zip(ledger.record["plan"], infos):
-            entry.update(info, name=stage_name(specs[info["stage"]]))
-        ledger.save()
         strategy = ledger.record["placement"]["strategy"]
         log(placement.describe_placement(ledger.record["plan"], strategy))
 
@@ -249,6 +256,8 @@ def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, log) -> None:
         drive(stages, todo, config.pipeline.in_flight, progress.wrap(ledger.commit),
               revive_timeout_s=config.pipeline.placement_timeout_s, log=log)
         timings["extract_s"] = time.perf_counter() - mark
+        # Stages restarted after a fault may now live elsewhere: record where they ended.
+        record_placement(ledger, ray.get([s.info.remote() for s in stages]), specs)
         ledger.record["stage_stats"] = ray.get([s.stats.remote() for s in stages])
     except StageLost as err:
         ledger.record["status"] = "stopped"

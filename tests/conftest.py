@@ -80,3 +80,32 @@ def read_site(run_dir, layer: int, site: str) -> tuple[np.ndarray, np.ndarray, n
     ]
     table = pl.concat(frames).sort("seq", "pos")
     return table["seq"].to_numpy(), table["pos"].to_numpy(), table["act"].to_numpy()
+
+
+def fault_config(model: str, output, num_sequences: int = 12) -> dict:
+    """The run the fault tests break: 12 sequences x 32 tokens, 2 stages, micro-batches of 1."""
+    return {
+        "model": {"path": model, "dtype": "float32"},
+        "data": {"source": "stdlib", "num_sequences": num_sequences, "seq_len": 32},
+        "pipeline": {"num_stages": 2, "micro_batch_size": 1, "placement_timeout_s": 30},
+        "storage": {"output": str(output)},
+    }
+
+
+@pytest.fixture(scope="session")
+def fault_free_run(planted_checkpoint, tmp_path_factory):
+    """Tables of `fault_config` from the same stages chained in-process: no Ray, no faults."""
+    from actors.stage import StageActor
+    from cluster.config import load_config
+    from cluster.run import micro_batches, prepare, stage_specs
+
+    output = tmp_path_factory.mktemp("fault_free") / "run"
+    config = load_config(fault_config(planted_checkpoint, output))
+    prepared = prepare(config)
+    stages = [StageActor(spec) for spec in stage_specs(config, prepared, str(output))]
+    for batch in micro_batches(prepared.tokens, config.pipeline.micro_batch_size, skip=set()):
+        for stage in stages:
+            batch, _ = stage.forward(batch)
+    for stage in stages:
+        stage.flush()
+    return output

@@ -22,7 +22,7 @@ DEFAULT = str(Path(__file__).resolve().parent.parent / "configs" / "tiny_moe.yam
 def ray_two_cpus():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

@@ -22,7 +22,7 @@ from actors.stage import StageActor, StageSpec
 from actors.writer import MicroBatch
 from cluster.config import load_config
 from cluster.run import execute
-from tests.conftest import token_batch
+from tests.conftest import fault_config, token_batch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,19 +38,10 @@ def faults_file(tmp_path_factory):
 def ray_cluster(faults_file):
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR",
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": {faults.ENV: str(faults_file)}})
     yield
     ray.shutdown()
-
-
-def config_dict(model: str, output, num_sequences=12, micro_batch_size=1) -> dict:
-    return {
-        "model": {"path": model, "dtype": "float32"},
-        "data": {"source": "stdlib", "num_sequences": num_sequences, "seq_len": 32},
-        "pipeline": {"num_stages": 2, "micro_batch_size": micro_batch_size, "placement_timeout_s": 30},
-        "storage": {"output": str(output)},
-    }
 
 
 def tables(run: Path) -> dict:
@@ -77,20 +68,12 @@ def assert_same_tables(run: Path, clean: Path) -> int:
     return rows
 
 
-@pytest.fixture(scope="module")
-def clean_run(ray_cluster, planted_checkpoint, tmp_path_factory, faults_file):
-    faults_file.write_text("[]")
-    output = tmp_path_factory.mktemp("clean") / "run"
-    execute(load_config(config_dict(planted_checkpoint, output)), log=lambda *_: None)
-    return output
-
-
-def test_a_killed_stage_is_restarted_and_loses_nothing(clean_run, planted_checkpoint, faults_file, tmp_path):
+def test_a_killed_stage_is_restarted_and_loses_nothing(ray_cluster, fault_free_run, planted_checkpoint, faults_file, tmp_path):
     marker = tmp_path / "killed"
     faults_file.write_text(json.dumps([{"kind": "kill", "stage": 1, "batch": 2, "once": str(marker)}]))
     logs: list[str] = []
     try:
-        execute(load_config(config_dict(planted_checkpoint, tmp_path / "run")), log=logs.append)
+        execute(load_config(fault_config(planted_checkpoint, tmp_path / "run")), log=logs.append)
     finally:
         faults_file.write_text("[]")
     assert marker.exists(), "the stage was never killed"
@@ -98,13 +81,13 @@ def test_a_killed_stage_is_restarted_and_loses_nothing(clean_run, planted_checkp
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["status"] == "complete"
     assert all(b["status"] == "committed" for b in record["batches"].values())
-    rows = assert_same_tables(tmp_path / "run", clean_run)
+    rows = assert_same_tables(tmp_path / "run", fault_free_run)
     assert rows == 12 * 32 * 12  # tokens x layer-sites
 
 
-def test_a_killed_driver_resumes_to_the_same_tables(clean_run, planted_checkpoint, tmp_path):
+def test_a_killed_driver_resumes_to_the_same_tables(fault_free_run, planted_checkpoint, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(config_dict(planted_checkpoint, tmp_path / "run")))
+    config.write_text(yaml.safe_dump(fault_config(planted_checkpoint, tmp_path / "run")))
     slow = tmp_path / "slow.json"
     slow.write_text(json.dumps([{"kind": "delay", "stage": 0, "seconds": 0.25}]))
     command = [sys.executable, "-m", "cluster", "run", str(config)]
@@ -127,7 +110,7 @@ def test_a_killed_driver_resumes_to_the_same_tables(clean_run, planted_checkpoin
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(ledger.read_text())["status"] == "complete"
-    assert assert_same_tables(tmp_path / "run", clean_run) == 12 * 32 * 12
+    assert assert_same_tables(tmp_path / "run", fault_free_run) == 12 * 32 * 12
     assert not list((tmp_path / "run").rglob(".*.tmp-*")), "partial files left behind"
 
 

@@ -17,7 +17,7 @@ from tests.conftest import read_site, reference_activations
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
