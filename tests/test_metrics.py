@@ -40,7 +40,7 @@ def metrics_head():
     import ray
 
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", _metrics_export_port=port,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 1000})
     yield f"http://127.0.0.1:{port}/metrics"
     ray.shutdown()

@@ -70,7 +70,7 @@ def _wait_for(port: int, timeout_s: float = 30) -> None:
 def ray_cluster(s3):
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
