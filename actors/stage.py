@@ -38,6 +38,7 @@ class StageSpec:
     write_depth: int = 2         # micro-batches queued for the writer before forward blocks
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
     last: bool = False           # the last stage passes no hidden states on
+    warm_up: tuple[int, int] = (1, 8)  # [batch, seq] of the warm-up forward: a micro-batch's shape
     storage: str = "dense"       # dense activations, or exceedances (|x| >= floor) plus stats
     floor: float = 3.0           # smallest |x| kept in exceedances mode
 
@@ -97,6 +98,7 @@ class StageActor:
         self.layers = {i: self.model.model.layers[i] for i in spec.shard.layers}
         self.kinds = {i: mask_kind(self.config, i) for i in self.layers}
         self.capture = Capture(self.layers)
+        self.warm_up()
         writer = make_writer(spec.output, spec.storage, spec.floor)
         self.writer = BackgroundWriter(writer, depth=spec.write_depth)
         self.load_s = time.perf_counter() - started
@@ -104,6 +106,21 @@ class StageActor:
         self.tokens = 0
         layers = spec.shard.layers
         self.metrics = StageMetrics(f"stage-{spec.index} [layers {layers.start}-{layers.stop - 1}]")
+
+    def warm_up(self) -> None:
+        """One forward of a micro-batch's shape, captured and dropped, before any real one.
+
+        NOTE: a fresh process pays for its first forwards (kernel selection and JIT for each
+        new matmul shape, allocator growth): ~1 s on the bench model. Random tokens route
+        like real ones, so most expert shapes are met here and count as load time.
+        """
+        batch, seq = self.spec.warm_up
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, self.config.vocab_size, (batch, seq), generator=gen)
+        hidden = None if self.first else torch.randn(
+            batch, seq, self.config.hidden_size, generator=gen).to(self.model.dtype)
+        self.run_layers(MicroBatch(-1, list(range(batch)), ids, torch.ones_like(ids), hidden))
+        self.capture.pop()
 
     @torch.inference_mode()
     def run_layers(self, batch: MicroBatch) -> torch.Tensor:

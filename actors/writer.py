@@ -53,21 +53,25 @@ def valid_rows(acts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def encode(acts: torch.Tensor) -> tuple[np.ndarray, str]:
-    """Lossless numpy values for `acts` # [rows, hidden], and the encoding's name."""
+    """Lossless numpy values for `acts` # [rows, hidden], and the encoding's name.
+
+    For bfloat16, float16 is used when it round-trips every value exactly (checked in
+    torch, on the activations' device); float32 otherwise.
+    """
     if acts.dtype == torch.bfloat16:
-        wide = acts.float().numpy()
-        with np.errstate(over="ignore"):  # overflow shows up as a mismatch below
-            narrow = wide.astype(np.float16)
-        if np.array_equal(narrow.astype(np.float32), wide):
-            return narrow, "float16"
-        return wide, "float32"
-    return acts.numpy(), str(acts.dtype).removeprefix("torch.")
+        narrow = acts.to(torch.float16)
+        if torch.equal(narrow.to(torch.bfloat16), acts):
+            return narrow.cpu().numpy(), "float16"
+        return acts.float().cpu().numpy(), "float32"
+    return acts.cpu().numpy(), str(acts.dtype).removeprefix("torch.")
 
 
-# NOTE: dictionary-encoding float activations only fails over to plain after trying, and
-# min/max statistics of a list column are never used (readers prune by partition path):
-# without both a dense file writes ~5x faster and ~1/3 smaller (bench/RESULTS.md).
-DENSE_OPTIONS = {"use_dictionary": ["seq", "pos", "token_id"], "write_statistics": ["seq", "pos", "token_id"]}
+# NOTE: dictionary-encoding float activations only fails over to plain after trying,
+# min/max statistics of a list column are never used (readers prune by partition path),
+# and compressing float mantissas saves little: without all three a dense file writes
+# ~3x faster and reads faster; it is ~1.4x larger than with snappy (bench/RESULTS.md).
+DENSE_OPTIONS = {"use_dictionary": ["seq", "pos", "token_id"],
+                 "write_statistics": ["seq", "pos", "token_id"], "compression": "none"}
 
 
 class ActivationWriter:
@@ -87,7 +91,7 @@ class ActivationWriter:
         }
         for (layer, site), acts in sorted(captured.items()):
             # NOTE: padding is dropped on the device, so only real tokens cross to the host.
-            values, encoding = encode(valid_rows(acts, keep).cpu())  # [rows, hidden]
+            values, encoding = encode(valid_rows(acts, keep))  # [rows, hidden]
             act = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
             table = pa.table({**columns, "act": act}).replace_schema_metadata(
                 {"encoding": encoding, "model_dtype": str(acts.dtype).removeprefix("torch.")}

@@ -93,6 +93,7 @@ def stage_specs(config: RunConfig, prepared: Prepared, output: str) -> list[Stag
             write_depth=pipe.write_depth,
             num_threads=pipe.threads_per_stage or max(1, int(pipe.cpus_per_stage)),
             last=index == len(prepared.stages) - 1,
+            warm_up=(pipe.micro_batch_size, config.data.seq_len),
             storage=config.storage.mode,
             floor=config.storage.floor,
         )
