@@ -42,6 +42,37 @@ def planted_checkpoint(tiny_checkpoint):
     return tiny_checkpoint(plants=plants)
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_stages(model_path, dtype, out, ids, mask, num_layers=6, num_stages=2, micro_batch=2, **spec):
+    """Capture every layer through in-process stages, micro-batch by micro-batch; returns them."""
+    from actors.shard import ShardSpec
+    from actors.stage import StageActor, StageSpec
+    from actors.writer import MicroBatch
+    from cluster.plan import plan_stages
+
+    stages = [
+        StageActor(StageSpec(i, ShardSpec(model_path, layers, dtype), str(out),
+                             last=i == num_stages - 1, **spec))
+        for i, layers in enumerate(plan_stages([1] * num_layers, num_stages))
+    ]
+    for index, start in enumerate(range(0, len(ids), micro_batch)):
+        rows = slice(start, start + micro_batch)
+        batch = MicroBatch(index, list(range(start, min(start + micro_batch, len(ids)))), ids[rows], mask[rows])
+        for stage in stages:
+            batch, _ = stage.forward(batch)
+    for stage in stages:
+        stage.flush()
+    return stages
+
+
 def token_batch(seed: int, batch: int, seq: int, vocab: int = 512, pad_last: int = 0):
     """Random token ids # [batch, seq] and a padding mask with the last row right-padded."""
     gen = torch.Generator().manual_seed(seed)

@@ -14,14 +14,11 @@ import polars as pl
 import pytest
 import torch
 
-from actors.shard import ShardSpec
-from actors.stage import StageActor, StageSpec
-from actors.writer import ExceedanceWriter, MicroBatch, float32_floor
+from actors.writer import ExceedanceWriter, float32_floor
 from analysis import analyse
 from analysis.criteria import Criteria, feature_stats
 from analysis.scan import Scanner, list_partitions, read_run
-from cluster.plan import plan_stages
-from tests.conftest import token_batch
+from tests.conftest import run_stages, token_batch
 
 FLOOR = 3.0
 THRESHOLDS = [3.0, 4.5, 6.0, 10.0]
@@ -30,18 +27,8 @@ BATCH, SEQ, PAD, LAYERS = 4, 32, 5, 6
 
 def extract(model_path, dtype, mode, out, ids, mask, num_stages=2, micro_batch=2) -> dict:
     """Run in-process stages over the tokens, write run.json; returns {'bytes': ...}."""
-    stages = [
-        StageActor(StageSpec(i, ShardSpec(model_path, layers, dtype), str(out),
-                             last=i == num_stages - 1, storage=mode, floor=FLOOR))
-        for i, layers in enumerate(plan_stages([1] * LAYERS, num_stages))
-    ]
-    for index, start in enumerate(range(0, len(ids), micro_batch)):
-        rows = slice(start, start + micro_batch)
-        batch = MicroBatch(index, list(range(start, start + micro_batch)), ids[rows], mask[rows])
-        for stage in stages:
-            batch, _ = stage.forward(batch)
-    for stage in stages:
-        stage.flush()
+    stages = run_stages(model_path, dtype, out, ids, mask, num_layers=LAYERS, num_stages=num_stages,
+                        micro_batch=micro_batch, storage=mode, floor=FLOOR)
     info = {
         "num_layers": LAYERS, "hidden_size": stages[0].config.hidden_size,
         "tokens": int(mask.sum()), "storage_mode": mode,

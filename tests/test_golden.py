@@ -12,28 +12,9 @@ import pytest
 from actors.capture import SITES
 from actors.shard import ShardSpec
 from actors.stage import StageActor, StageSpec
-from actors.writer import MicroBatch
-from cluster.plan import plan_stages
-from tests.conftest import read_site, reference_activations, token_batch
+from tests.conftest import read_site, reference_activations, run_stages, token_batch
 
 BATCH, SEQ, PAD = 4, 24, 7
-
-
-def run_split(model_path, dtype, num_stages, out, ids, mask, micro_batch=2):
-    """Capture every layer through `num_stages` in-process stages, micro-batch by micro-batch."""
-    stages = [
-        StageActor(StageSpec(i, ShardSpec(model_path, layers, dtype), str(out),
-                             last=i == num_stages - 1))
-        for i, layers in enumerate(plan_stages([1] * 6, num_stages))
-    ]
-    for index, start in enumerate(range(0, len(ids), micro_batch)):
-        rows = slice(start, start + micro_batch)
-        batch = MicroBatch(index, list(range(start, start + micro_batch)), ids[rows], mask[rows])
-        for stage in stages:
-            batch, _ = stage.forward(batch)
-    for stage in stages:
-        stage.flush()
-    return stages
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe"])
@@ -43,7 +24,7 @@ def test_split_equals_single_forward(tiny_checkpoint, tmp_path, arch, dtype, num
     path = tiny_checkpoint(arch)
     ids, mask = token_batch(seed=1, batch=BATCH, seq=SEQ, pad_last=PAD)
     expected = reference_activations(path, dtype, ids, mask, micro_batch=2)
-    run_split(path, dtype, num_stages, tmp_path, ids, mask)
+    run_stages(path, dtype, tmp_path, ids, mask, num_stages=num_stages, micro_batch=2)
 
     keep = mask.bool().numpy()  # [batch, seq]
     want_seq, want_pos = np.nonzero(keep)
@@ -71,7 +52,7 @@ def test_bf16_encoding_is_float16_when_exact_else_float32(tiny_checkpoint, tmp_p
 
     path = tiny_checkpoint("qwen3_moe")
     ids, mask = token_batch(seed=2, batch=2, seq=8)
-    run_split(path, "bfloat16", 1, tmp_path, ids, mask)
+    run_stages(path, "bfloat16", tmp_path, ids, mask, num_stages=1)
     meta = pq.read_schema(next((tmp_path / "activations").rglob("*.parquet"))).metadata
     assert meta[b"model_dtype"] == b"bfloat16" and meta[b"encoding"] in (b"float16", b"float32")
 

@@ -8,7 +8,6 @@ line counts tokens, rate and ETA from commits.
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,11 @@ from cluster.config import load_config
 from cluster.progress import Progress, duration
 from cluster.run import execute
 from tests.test_run import run_config
+from tests.conftest import free_port
 
 NAMES = ("tokens_total", "micro_batches_total", "bytes_written_total", "busy_seconds_total",
          "write_queue_depth")
 SAMPLE = re.compile(r'^ray_moe_outliers_(\w+)\{(.*)\} (\S+)$')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
