@@ -90,3 +90,26 @@ def test_output_holding_another_run_is_refused(ray_cluster, tiny_checkpoint, tmp
     execute(config, log=lambda *_: None)
     with pytest.raises(RunError, match="already holds a run.*--resume"):
         execute(config, log=lambda *_: None)
+
+
+def test_stage_actors_are_named_like_the_plan(ray_cluster, tiny_checkpoint, tmp_path):
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    from cluster import placement
+    from cluster.pipeline import start_stages
+    from cluster.run import prepare, stage_specs
+
+    config = load_config(run_config(tiny_checkpoint("qwen3_moe"), tmp_path / "run", pipeline={"num_stages": 3}))
+    prepared = prepare(config)
+    bundles = placement.stage_bundles(3, 1.0, "auto")
+    group = placement.reserve(bundles, 30)
+    stages = start_stages(stage_specs(config, prepared, str(tmp_path / "run")), group, bundles)
+    try:
+        ray.get([stage.info.remote() for stage in stages])
+        names = sorted(n for n in ray.util.list_named_actors() if n.startswith("stage-"))
+        assert names == ["stage-0 [layers 0-1]", "stage-1 [layers 2-3]", "stage-2 [layers 4-5]"]
+    finally:
+        for stage in stages:
+            ray.kill(stage)
+        remove_placement_group(group)
