@@ -152,16 +152,18 @@ class StageActor:
         # NOTE: the one device-to-host copy of the hidden states; the last stage skips it.
         onward = None if self.spec.last else hidden.cpu()
         out = MicroBatch(batch.index, batch.seqs, batch.input_ids, batch.attention_mask, onward)
-        self.busy_s += time.perf_counter() - started
-        self.tokens += int(batch.attention_mask.sum())
+        tokens, busy_s = int(batch.attention_mask.sum()), time.perf_counter() - started
+        self.busy_s += busy_s
+        self.tokens += tokens
         written = self.writer.committed()
-        self._observe(int(batch.attention_mask.sum()), time.perf_counter() - started, written)
+        self._observe(tokens, busy_s, written)
         return out, written
 
     def run_split(self, batch: MicroBatch) -> tuple[torch.Tensor, dict]:
         """`run_layers` and its captures; on out-of-memory, the two halves one after the other.
 
-        Rows of a batch do not interact, so the halves give the same values as the whole.
+        Rows of a batch do not interact: the values are those of the halves run as
+        micro-batches, bit for bit the whole's with a batch-invariant expert kernel (batched_mm).
         """
         try:
             faults.before_layers(self.spec.index, len(batch.seqs))
@@ -186,11 +188,9 @@ class StageActor:
         return written
 
     def _observe(self, tokens: int, busy_s: float, written: list[int]) -> None:
-        """Dashboard metrics (actors/metrics.py); the writer's internals are read defensively."""
-        writer = getattr(self.writer, "writer", None)
-        jobs = getattr(self.writer, "_jobs", None)
-        self.metrics.observe(tokens, busy_s, len(written), getattr(writer, "bytes_written", 0),
-                             jobs.qsize() if jobs is not None else 0)
+        """Dashboard metrics (actors/metrics.py)."""
+        self.metrics.observe(tokens, busy_s, len(written), self.writer.writer.bytes_written,
+                             self.writer.depth())
 
     def info(self) -> dict:
         """Where this stage runs and what it holds, for the stored plan."""

@@ -205,6 +205,10 @@ class BackgroundWriter:
         self._raise_if_failed()
         self._jobs.put((batch, captured))
 
+    def depth(self) -> int:
+        """Micro-batches waiting for the writer."""
+        return self._jobs.qsize()
+
     def committed(self) -> list[int]:
         """Micro-batches fully written since the last call."""
         self._raise_if_failed()
