@@ -25,7 +25,6 @@ import platform
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 
 import tokenizers

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from cluster import data
+from cluster import stdlib_text
 from cluster.data import DataError, load_texts, pack_sequences
 
 BOS, EOS = 1, 2
@@ -43,7 +43,7 @@ def test_stdlib_is_large_deterministic_and_deduplicated(monkeypatch):
     docs = list(load_texts("stdlib"))
     # Libraries such as Ray patch stdlib functions; the text must not change.
     monkeypatch.setattr(inspect, "isgenerator", lambda obj: False)
-    fresh = list(data._stdlib_docs.__wrapped__())  # recomputed, bypassing the cache
+    fresh = list(stdlib_text.stdlib_docs.__wrapped__())  # recomputed, bypassing the cache
     assert docs == fresh
     assert sum(len(doc) for doc in docs) >= 1_000_000
     assert len(set(docs)) == len(docs)

@@ -35,7 +35,7 @@ def run_config(path: str, output, **sections) -> dict:
     return config
 
 
-def packed_tokens(path: str, config) -> "torch.Tensor":
+def packed_tokens(path: str, config):
     from transformers import AutoTokenizer
 
     from cluster.data import load_texts, pack_sequences
