@@ -27,8 +27,8 @@ def connect(num_cpus: int | None = None) -> str:
         return "joined"
     quiet = {"log_to_driver": True, "logging_level": "WARNING"}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
-        return "joined"
+        ray.init(**quiet)  # RAY_ADDRESS=local starts a fresh local cluster
+        return "started" if os.environ["RAY_ADDRESS"] == "local" else "joined"
     try:
         ray.init(address="auto", **quiet)
         return "joined"

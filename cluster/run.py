@@ -111,11 +111,18 @@ def micro_batches(tokens: torch.Tensor, size: int, skip: set[int]) -> list[Micro
 
 
 class Ledger:
-    """run.json: the config, the plan, per-micro-batch status and timings."""
+    """run.json: the config, the plan, per-micro-batch status and timings.
 
-    def __init__(self, output: str, record: dict):
+    Commits are written at most every `save_every_s` seconds (and by every other save):
+    rewriting a record that grows with the run after each of thousands of micro-batches
+    would cost quadratic I/O. A commit not yet saved is only re-run on resume.
+    """
+
+    def __init__(self, output: str, record: dict, save_every_s: float = 1.0):
         self.fs, self.root = storage.resolve(output)
         self.record = record
+        self.save_every_s = save_every_s
+        self._saved_at = float("-inf")
 
     @property
     def path(self) -> str:
@@ -123,6 +130,7 @@ class Ledger:
 
     def save(self) -> None:
         storage.write_json(self.fs, self.path, self.record)
+        self._saved_at = time.monotonic()
 
     def committed(self) -> set[int]:
         return {int(i) for i, b in self.record["batches"].items() if b["status"] == "committed"}
@@ -130,7 +138,8 @@ class Ledger:
     def commit(self, indices: list[int]) -> None:
         for index in indices:
             self.record["batches"][str(index)]["status"] = "committed"
-        self.save()
+        if time.monotonic() - self._saved_at >= self.save_every_s:
+            self.save()
 
 
 def output_uri(output: str) -> str:

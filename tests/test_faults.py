@@ -91,7 +91,9 @@ def test_a_killed_driver_resumes_to_the_same_tables(fault_free_run, planted_chec
     slow = tmp_path / "slow.json"
     slow.write_text(json.dumps([{"kind": "delay", "stage": 0, "seconds": 0.25}]))
     command = [sys.executable, "-m", "cluster", "run", str(config)]
-    env = {**os.environ, faults.ENV: str(slow), "RAY_ADDRESS": ""}
+    # NOTE: RAY_ADDRESS=local: the driver starts its own cluster (inheriting the fault file),
+    # never joining this module's.
+    env = {**os.environ, faults.ENV: str(slow), "RAY_ADDRESS": "local"}
     driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ledger = tmp_path / "run" / "run.json"
