@@ -42,6 +42,11 @@ class StageSpec:
     storage: str = "dense"       # dense activations, or exceedances (|x| >= floor) plus stats
     floor: float = 3.0           # smallest |x| kept in exceedances mode
 
+    @property
+    def name(self) -> str:
+        """How the plan, the dashboard and the metrics call this stage."""
+        return f"stage-{self.index} [layers {self.shard.layers.start}-{self.shard.layers.stop - 1}]"
+
 
 def pick_device(device: str) -> torch.device:
     if device == "auto":
@@ -104,8 +109,7 @@ class StageActor:
         self.load_s = time.perf_counter() - started
         self.busy_s = 0.0
         self.tokens = 0
-        layers = spec.shard.layers
-        self.metrics = StageMetrics(f"stage-{spec.index} [layers {layers.start}-{layers.stop - 1}]")
+        self.metrics = StageMetrics(spec.name)
 
     def warm_up(self) -> None:
         """One forward of a micro-batch's shape, captured and dropped, before any real one.

@@ -12,16 +12,31 @@ import os
 import socket
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 
+def float32_bar(threshold: float) -> np.float32:
+    """The least float32 >= threshold: a stored float32 x has x >= bar exactly when x >= threshold.
+
+    NOTE: numpy and torch compare float32 values with a Python float in float32, which would
+    round a threshold such as 5.99 down and admit values below it. The exceedance writer
+    (floor) and the scanner (threshold) both compare through this.
+    """
+    bar = np.float32(threshold)
+    return bar if float(bar) >= threshold else np.nextafter(bar, np.float32(np.inf))
+
+
+def absolute(uri: str) -> str:
+    """A run directory as an absolute path, or the URI unchanged."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, root path inside it) for a run directory given as path or URI."""
-    if "://" not in uri:
-        uri = os.path.abspath(os.path.expanduser(uri))
-    return pafs.FileSystem.from_uri(uri)
+    return pafs.FileSystem.from_uri(absolute(uri))
 
 
 def _temp_beside(path: str) -> str:

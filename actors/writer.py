@@ -100,14 +100,6 @@ class ActivationWriter:
             self.bytes_written += storage.write_table(self.fs, path, table, **DENSE_OPTIONS)
 
 
-def float32_floor(floor: float) -> float:
-    """The least float32 >= floor: a float32 |x| >= it exactly when |x| >= floor (as reals)."""
-    # NOTE: torch compares a float32 tensor with a Python float in float32, which would round
-    # a floor such as 2.99 down and keep values below it (analysis/scan.py does the same).
-    bar = np.float32(floor)
-    return float(bar if float(bar) >= floor else np.nextafter(bar, np.float32(np.inf)))
-
-
 class ExceedanceWriter:
     """Writes, per layer-site, the entries with |x| >= floor and per-dim statistics of all.
 
@@ -118,7 +110,7 @@ class ExceedanceWriter:
     def __init__(self, output: str, floor: float):
         self.fs, self.root = storage.resolve(output)
         self.floor = floor
-        self.bar = float32_floor(floor)
+        self.bar = float(storage.float32_bar(floor))
         self.bytes_written = 0
 
     def write(self, batch: MicroBatch, captured: dict[tuple[int, str], torch.Tensor]) -> None:

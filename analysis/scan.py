@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 import pyarrow.fs as pafs
 
-from actors.storage import resolve
+from actors.storage import float32_bar, resolve
 
 LAYOUTS = {"dense": "activations", "exceedances": "stats"}  # storage_mode -> dir naming partitions
 PARTITION = re.compile(r"layer=(\d+)/site=([^/]+)$")
@@ -137,14 +137,6 @@ def check_complete(partitions: list[tuple[int, str]], num_layers: int, allow_par
             f"{message}. Re-run extraction, or pass --allow-partial to analyse what is there."
         )
     warnings.warn(f"{message}; analysing the rest", stacklevel=2)
-
-
-def float32_bar(threshold: float) -> np.float32:
-    """The least float32 >= threshold: a float32 x has x >= bar exactly when x >= threshold."""
-    # NOTE: numpy compares float32 arrays with a Python float in float32, which would
-    # round a threshold such as 5.99 down to the nearest float32 and admit values below it.
-    bar = np.float32(threshold)
-    return bar if float(bar) >= threshold else np.nextafter(bar, np.float32(np.inf))
 
 
 class Scanner:

@@ -15,11 +15,6 @@ from actors.stage import StageActor, StageSpec
 from actors.writer import MicroBatch
 
 
-def stage_name(spec: StageSpec) -> str:
-    layers = spec.shard.layers
-    return f"stage-{spec.index} [layers {layers.start}-{layers.stop - 1}]"
-
-
 def start_stages(specs: list[StageSpec], group, bundles: list[dict], max_restarts: int = 3) -> list:
     """One StageActor per bundle of `group`, named like the plan, loading in parallel."""
     import ray
@@ -28,7 +23,7 @@ def start_stages(specs: list[StageSpec], group, bundles: list[dict], max_restart
     remote = ray.remote(StageActor)
     return [
         remote.options(
-            name=stage_name(spec),
+            name=spec.name,
             # A dead stage is restarted in its bundle (reloading its shard); the driver
             # re-runs the micro-batches it lost, so Ray must not replay calls by itself.
             max_restarts=max_restarts,

@@ -1,14 +1,15 @@
 """One extraction run, start to finish: prepare, plan, place, extract, analyse, record.
 
-`RUN/run.json` is the run's ledger. It is rewritten atomically after every
-micro-batch that all stages have written, so a run stopped at any point can be
-resumed from what it records as committed.
+`RUN/run.json` is the run's ledger. It is rewritten atomically as micro-batches are
+committed (written by every stage; at most once a second), so a run stopped at any
+point can be resumed from what it records as committed.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,14 +43,8 @@ class Prepared:
 def model_path(config: RunConfig) -> str:
     model = config.model
     if model.tiny is not None:
-        return build_tiny(model.tiny, str(_expand(model.cache_dir)))
+        return build_tiny(model.tiny, str(Path(model.cache_dir).expanduser()))
     return checkpoint_dir(model.path)
-
-
-def _expand(path: str):
-    from pathlib import Path
-
-    return Path(path).expanduser()
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -142,20 +137,13 @@ class Ledger:
             self.save()
 
 
-def output_uri(output: str) -> str:
-    """The run directory as an absolute path or URI (jobs run in a temporary working dir)."""
-    import os
-
-    return output if "://" in output else os.path.abspath(os.path.expanduser(output))
-
-
 def new_record(config: RunConfig, prepared: Prepared) -> dict:
     mc = prepared.model_config
     batches = plan_micro_batches(config.data.num_sequences, config.pipeline.micro_batch_size)
     return {
         "status": "running",
         "config": config.to_dict(),
-        "output": output_uri(config.storage.output),
+        "output": storage.absolute(config.storage.output),  # jobs run in a temporary working dir
         "model_path": prepared.model_path,
         "model_type": mc.model_type,
         "num_layers": mc.num_hidden_layers,
@@ -233,10 +221,8 @@ def place_stages(config: RunConfig, prepared: Prepared, ledger: Ledger):
 
 def record_placement(ledger: Ledger, infos: list[dict], specs: list[StageSpec]) -> None:
     """Merge each stage's own report (node, device, pid, bytes) into the stored plan."""
-    from cluster.pipeline import stage_name
-
     for entry, info in zip(ledger.record["plan"], infos):
-        entry.update(info, name=stage_name(specs[info["stage"]]))
+        entry.update(info, name=specs[info["stage"]].name)
     ledger.save()
 
 

@@ -14,7 +14,8 @@ import polars as pl
 import pytest
 import torch
 
-from actors.writer import ExceedanceWriter, float32_floor
+from actors.storage import float32_bar
+from actors.writer import ExceedanceWriter
 from analysis import analyse
 from analysis.criteria import Criteria, feature_stats
 from analysis.scan import Scanner, list_partitions, read_run
@@ -117,6 +118,6 @@ def test_floor_is_compared_as_a_real_number(tmp_path):
     above = np.nextafter(below, np.float32(np.inf))
     writer = ExceedanceWriter(str(tmp_path), 3.1)
     (token, dim, value), stats = writer.select(torch.tensor([[below, -3.5, 1.0, above]]))
-    assert float(below) < 3.1 <= float32_floor(3.1) == float(above)
+    assert float(below) < 3.1 <= float(float32_bar(3.1)) == float(above)
     assert dim.tolist() == [1, 3] and value.tolist() == [-3.5, float(above)]
     assert stats["count"].tolist() == [0, 1, 0, 1]

@@ -10,12 +10,12 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from actors.storage import float32_bar
 from analysis.criteria import feature_stats
 from analysis.scan import (
     RunError,
     Scanner,
     check_complete,
-    float32_bar,
     list_partitions,
     read_run,
 )
