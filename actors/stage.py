@@ -48,6 +48,13 @@ class StageSpec:
         return f"stage-{self.index} [layers {self.shard.layers.start}-{self.shard.layers.stop - 1}]"
 
 
+def warm_up_ids(vocab_size: int, batch: int, seq: int) -> torch.Tensor:
+    """The seeded random tokens of the warm-up forward # [batch, seq]; the bench warms its
+    single-process baselines with the same ones, so every row starts equally cold."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab_size, (batch, seq), generator=gen)
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,13 +121,15 @@ class StageActor:
     def warm_up(self) -> None:
         """One forward of a micro-batch's shape, captured and dropped, before any real one.
 
-        NOTE: a fresh process pays for its first forwards (kernel selection and JIT for each
-        new matmul shape, allocator growth): ~1 s on the bench model. Random tokens route
-        like real ones, so most expert shapes are met here and count as load time.
+        NOTE: on the CPU, oneDNN JIT-compiles a matmul kernel for each new shape (~1.7 ms on the
+        bench machine), and each micro-batch gives each expert a new row count: the first
+        micro-batches of a fresh process run up to 2x slower. One forward here meets the
+        attention shapes and some expert ones; sweeping every row count would cost more than
+        it saves on short runs and is amortised on long ones (bench/RESULTS.md).
         """
         batch, seq = self.spec.warm_up
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, self.config.vocab_size, (batch, seq), generator=gen)
+        ids = warm_up_ids(self.config.vocab_size, batch, seq)
+        gen = torch.Generator().manual_seed(1)
         hidden = None if self.first else torch.randn(
             batch, seq, self.config.hidden_size, generator=gen).to(self.model.dtype)
         self.run_layers(MicroBatch(-1, list(range(batch)), ids, torch.ones_like(ids), hidden))

@@ -91,6 +91,26 @@ def remove_debris(fs: pafs.FileSystem, root: str) -> int:
     return len(debris)
 
 
+def remove_uncommitted(fs: pafs.FileSystem, root: str, committed: set[int]) -> int:
+    """Delete the tables of micro-batches the ledger never committed; returns how many files.
+
+    They are re-run on resume. A dense table would be overwritten under the same name, but
+    an exceedance table lives in its stage's folder (`layers=<a>-<b>`): a resume with another
+    stage split would leave the old one beside the new one, counted twice.
+    """
+    stale = []
+    for kind in ("activations", "exceedances", "stats"):
+        selector = pafs.FileSelector(f"{root}/{kind}", recursive=True, allow_not_found=True)
+        for info in fs.get_file_info(selector):
+            name = info.base_name
+            if info.type == pafs.FileType.File and name.startswith("mb-") and name.endswith(".parquet"):
+                if int(name[3:-8]) not in committed:
+                    stale.append(info.path)
+    for path in stale:
+        fs.delete_file(path)
+    return len(stale)
+
+
 class LockedError(RuntimeError):
     """Another live run holds the run directory."""
 

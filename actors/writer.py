@@ -4,10 +4,11 @@ Layout (hive-partitioned, one file per micro-batch and layer-site):
     RUN/activations/layer=<L>/site=<S>/mb-<index>.parquet
     columns: seq int64, pos int32, token_id int32, act fixed_size_list<float>[hidden]
 
-Exceedance mode (`storage.mode: exceedances`) writes, per micro-batch and layer-site,
-only the entries with |x| >= floor, and summary statistics of every entry:
-    RUN/exceedances/layer=<L>/site=<S>/mb-<index>.parquet   seq, pos, dim, value float32
-    RUN/stats/layer=<L>/site=<S>/mb-<index>.parquet         dim, count, max_abs, sum, sum_sq
+Exceedance mode (`storage.mode: exceedances`) writes, per micro-batch and stage (layers
+a..b), only the entries with |x| >= floor as one long table, and summary statistics of
+every entry, per (layer, site, dim):
+    RUN/exceedances/layers=<a>-<b>/mb-<index>.parquet  layer, site, seq, pos, dim, value float32
+    RUN/stats/layers=<a>-<b>/mb-<index>.parquet        layer, site, dim, count, max_abs, sum, sum_sq
 
 Padding positions are never written. Encoding of `act` is lossless:
 float32 models store float32. bfloat16 models store float16 when every value of the
@@ -101,11 +102,16 @@ class ActivationWriter:
 
 
 class ExceedanceWriter:
-    """Writes, per layer-site, the entries with |x| >= floor and per-dim statistics of all.
+    """Writes, per micro-batch, the entries with |x| >= floor of every layer-site of the stage
+    as one long table, and per-(layer, site, dim) statistics of all entries as another.
 
-    The selection and the statistics are computed where the activations live (the GPU
-    when there is one), so only the kept entries and the stats cross to the host.
+    One file of each per micro-batch, not per layer-site: the kept entries of one layer-site
+    are a few KB, and 2 x 96 such files per micro-batch would cost more to create, list and
+    open than to fill. The selection and the statistics are computed where the activations
+    live (the GPU when there is one), so only the kept entries and the stats cross to the host.
     """
+
+    CHUNK = 1 << 24  # float32 elements selected at once (64 MiB): bounds the device memory used
 
     def __init__(self, output: str, floor: float):
         self.fs, self.root = storage.resolve(output)
@@ -117,35 +123,78 @@ class ExceedanceWriter:
         keep = batch.attention_mask.bool().cpu()  # [batch, seq]
         rows, pos = keep.nonzero(as_tuple=True)
         seq = torch.as_tensor(batch.seqs, dtype=torch.int64)[rows]  # [tokens]
-        for (layer, site), acts in sorted(captured.items()):
-            kept, stats = self.select(valid_rows(acts, keep))
-            token, dim, value = kept
-            table = pa.table({
-                "seq": pa.array(seq[token].numpy()),
-                "pos": pa.array(pos[token].numpy().astype(np.int32)),
-                "dim": pa.array(dim.numpy().astype(np.int32)),
-                "value": pa.array(value.numpy()),
-            })
-            path = part_path(self.root, layer, site, batch.index, "exceedances")
-            self.bytes_written += storage.write_table(self.fs, path, table)
-            path = part_path(self.root, layer, site, batch.index, "stats")
-            self.bytes_written += storage.write_table(self.fs, path, pa.table(stats))
+        keys = sorted(captured)
+        kept, stats = [], []
+        for group in chunks(keys, self.CHUNK // max(1, captured[keys[0]].numel())):
+            part_kept, part_stats = self.select(torch.stack([valid_rows(captured[k], keep) for k in group]))
+            kept.append(_tagged(part_kept, group, seq, pos))
+            stats.append(_tagged_stats(part_stats, group))
+        folder = stage_folder(keys)
+        path = f"{self.root}/exceedances/{folder}/mb-{batch.index:06d}.parquet"
+        self.bytes_written += storage.write_table(self.fs, path, pa.concat_tables(kept))
+        # NOTE: stats last: a stats file is what marks the micro-batch's layer-sites as present.
+        path = f"{self.root}/stats/{folder}/mb-{batch.index:06d}.parquet"
+        self.bytes_written += storage.write_table(self.fs, path, pa.concat_tables(stats))
 
     def select(self, acts: torch.Tensor) -> tuple[tuple, dict]:
-        """(token, dim, value) of the entries >= floor, and per-dim stats of `acts` # [rows, hidden]."""
+        """Entries >= floor as (site, token, dim, value), and per-(site, dim) stats of
+        `acts` # [sites, rows, hidden]; every array on the host."""
         x = acts.float()  # exact for bf16 and fp16
         magnitude = x.abs()
-        hit = magnitude >= self.bar  # [rows, hidden]
-        token, dim = hit.nonzero(as_tuple=True)
+        hit = magnitude >= self.bar  # [sites, rows, hidden]
+        site, token, dim = hit.nonzero(as_tuple=True)
         wide = x.double()  # NOTE: float64 sums, so sums over thousands of sequences stay exact enough
+        empty = x.shape[1] == 0
         stats = {
-            "dim": np.arange(x.shape[1], dtype=np.int32),
-            "count": hit.sum(0).cpu().numpy(),
-            "max_abs": magnitude.amax(0).double().cpu().numpy() if len(x) else np.zeros(x.shape[1]),
-            "sum": wide.sum(0).cpu().numpy(),
-            "sum_sq": wide.square().sum(0).cpu().numpy(),
+            "count": hit.sum(1),  # [sites, hidden]
+            "max_abs": x.new_zeros(x.shape[0], x.shape[2]) if empty else magnitude.amax(1),
+            "sum": wide.sum(1),
+            "sum_sq": wide.square().sum(1),
         }
-        return (token.cpu(), dim.cpu(), x[token, dim].cpu()), stats
+        stats = {k: v.cpu().numpy() for k, v in stats.items()}
+        stats["max_abs"] = stats["max_abs"].astype(np.float64)
+        return (site.cpu(), token.cpu(), dim.cpu(), x[site, token, dim].cpu()), stats
+
+
+def chunks(keys: list, size: int) -> list[list]:
+    """`keys` in consecutive groups of at most `size` (at least 1)."""
+    size = max(1, size)
+    return [keys[i:i + size] for i in range(0, len(keys), size)]
+
+
+def stage_folder(keys: list[tuple[int, str]]) -> str:
+    """`layers=<first>-<last>`: the stage's own folder, so stages never write the same file."""
+    layers = [layer for layer, _ in keys]
+    return f"layers={min(layers)}-{max(layers)}"
+
+
+def _key_columns(group: list[tuple[int, str]], index: np.ndarray) -> dict:
+    """layer and site columns for rows that belong to `group[index]`."""
+    layers = np.array([layer for layer, _ in group], dtype=np.int32)
+    sites = pa.array([site for _, site in group], pa.string())
+    return {"layer": pa.array(layers[index]), "site": sites.take(pa.array(index))}
+
+
+def _tagged(kept: tuple, group: list, seq: torch.Tensor, pos: torch.Tensor) -> pa.Table:
+    """The long table (layer, site, seq, pos, dim, value) of one group's kept entries."""
+    site, token, dim, value = kept
+    return pa.table({
+        **_key_columns(group, site.numpy()),
+        "seq": pa.array(seq[token].numpy()),
+        "pos": pa.array(pos[token].numpy().astype(np.int32)),
+        "dim": pa.array(dim.numpy().astype(np.int32)),
+        "value": pa.array(value.numpy()),
+    })
+
+
+def _tagged_stats(stats: dict, group: list) -> pa.Table:
+    """(layer, site, dim, count, max_abs, sum, sum_sq): one row per layer-site and dim."""
+    sites, hidden = stats["count"].shape
+    return pa.table({
+        **_key_columns(group, np.repeat(np.arange(sites), hidden)),
+        "dim": pa.array(np.tile(np.arange(hidden, dtype=np.int32), sites)),
+        **{k: pa.array(v.reshape(-1)) for k, v in stats.items()},
+    })
 
 
 def make_writer(output: str, mode: str = "dense", floor: float = 3.0):

@@ -102,8 +102,11 @@ def _scan(
         for i in range(count)
     ]
     try:
-        # Round-robin: each actor gets every count-th partition, so depths and sites mix.
-        jobs = [actor.scan.remote(partitions[i::count]) for i, actor in enumerate(actors)]
+        if local.info["storage_mode"] == "dense":
+            # Round-robin: each actor gets every count-th partition, so depths and sites mix.
+            jobs = [actor.scan.remote(partitions[i::count]) for i, actor in enumerate(actors)]
+        else:  # each stored file holds many partitions: actors share the files instead
+            jobs = [actor.scan.remote(partitions, (i, count)) for i, actor in enumerate(actors)]
         return Partial.merge(ray.get(jobs))
     except ray.exceptions.RayTaskError as err:
         # Callers catch RunError/ValueError; surface the actor's own error, not Ray's wrapper.

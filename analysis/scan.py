@@ -4,12 +4,14 @@ A run directory (a local path or a pyarrow filesystem URI such as s3://bucket/ru
 `run.json` and, per (layer, site), either dense activations or stored exceedances:
 
     activations/layer=<L>/site=<S>/<part>.parquet   seq, pos, token_id, act[hidden]
-    exceedances/layer=<L>/site=<S>/<part>.parquet   seq, pos, dim, value   (|value| >= floor)
-    stats/layer=<L>/site=<S>/<part>.parquet         dim, count, max_abs, sum, sum_sq
+    exceedances/layers=<a>-<b>/<part>.parquet       layer, site, seq, pos, dim, value  (|value| >= floor)
+    stats/layers=<a>-<b>/<part>.parquet             layer, site, dim, count, max_abs, sum, sum_sq
 
 `Scanner.scan` turns either layout into the same `Partial`: the exceedance table
 (layer, site, seq, pos, dim, value) at |value| >= threshold, and the stats table
-(layer, site, dim, max_abs, count). No Ray here: `analysis/__init__.py` wraps it.
+(layer, site, dim, max_abs, count). Dense runs are split among scanners by partition;
+stored runs, whose files each hold every layer-site of a stage, by file (`share`).
+No Ray here: `analysis/__init__.py` wraps it.
 """
 
 from __future__ import annotations
@@ -60,9 +62,16 @@ class Partial:
 
     @classmethod
     def merge(cls, partials: list["Partial"]) -> "Partial":
+        """One Partial; stats rows of the same (layer, site, dim) from different shares of
+        files combine (max of max_abs, sum of count)."""
+        stats = _concat([p.stats for p in partials], STATS_SCHEMA)
+        if len(partials) > 1:
+            stats = (stats.group_by("layer", "site", "dim")
+                     .agg(pl.col("max_abs").max(), pl.col("count").sum())
+                     .select(STATS_SCHEMA.keys()).cast(STATS_SCHEMA).sort("layer", "site", "dim"))
         return cls(
             exceedances=_concat([p.exceedances for p in partials], EXCEEDANCE_SCHEMA),
-            stats=_concat([p.stats for p in partials], STATS_SCHEMA),
+            stats=stats,
             skipped=sorted(path for p in partials for path in p.skipped),
         )
 
@@ -105,18 +114,44 @@ def list_partitions(run_dir: str | os.PathLike, info: dict) -> list[tuple[int, s
     """The (layer, site) partitions present on disk, sorted."""
     fs, root = resolve(os.fspath(run_dir))
     base = f"{root}/{LAYOUTS[info['storage_mode']]}"
-    # Two shallow listings, not one recursive one: a run can hold a file per micro-batch.
-    parts = {
-        (int(match[1]), match[2])
-        for layer_dir in _subdirs(fs, base)
-        for site_dir in _subdirs(fs, layer_dir)
-        if (match := PARTITION.search(site_dir))
-    }
+    if info["storage_mode"] == "dense":
+        # Two shallow listings, not one recursive one: a run can hold a file per micro-batch.
+        parts = {
+            (int(match[1]), match[2])
+            for layer_dir in _subdirs(fs, base)
+            for site_dir in _subdirs(fs, layer_dir)
+            if (match := PARTITION.search(site_dir))
+        }
+    else:
+        parts = _stored_partitions(fs, stored_files(fs, base))
     if not parts:
         raise RunError(
-            f"{base}: no layer=<L>/site=<S> partitions, so nothing was captured. Re-run extraction."
+            f"{base}: no (layer, site) partitions, so nothing was captured. Re-run extraction."
         )
     return sorted(parts)
+
+
+def stored_files(fs: pafs.FileSystem, base: str) -> list[str]:
+    """Every .parquet file in the stage folders (`layers=<a>-<b>`) under `base`, sorted."""
+    return sorted(
+        e.path
+        for folder in _subdirs(fs, base)
+        for e in fs.get_file_info(pafs.FileSelector(folder))
+        if e.type == pafs.FileType.File and e.path.endswith(".parquet")
+    )
+
+
+def _stored_partitions(fs: pafs.FileSystem, paths: list[str]) -> set[tuple[int, str]]:
+    """The (layer, site) pairs named in the stats files; unreadable ones are left to the scan."""
+    parts = set()
+    for path in paths:
+        try:
+            with fs.open_input_file(path) as handle:
+                keys = pl.read_parquet(handle, columns=["layer", "site"]).unique()
+        except (Exception, pl.exceptions.PanicException):  # reported, or skipped, by Scanner
+            continue
+        parts.update(zip(keys["layer"].to_list(), keys["site"].to_list()))
+    return parts
 
 
 def _subdirs(fs: pafs.FileSystem, path: str) -> list[str]:
@@ -161,10 +196,12 @@ class Scanner:
                 "with a lower floor."
             )
 
-    def scan(self, partitions: list[tuple[int, str]]) -> Partial:
+    def scan(self, partitions: list[tuple[int, str]], share: tuple[int, int] = (0, 1)) -> Partial:
+        """What `partitions` hold; of a stored run, only every share[1]-th file from share[0]."""
         self.skipped = []
-        read = self._dense if self.info["storage_mode"] == "dense" else self._stored
-        pieces = [read(layer, site) for layer, site in partitions]
+        if self.info["storage_mode"] != "dense":
+            return self._stored(partitions, share)
+        pieces = [self._dense(layer, site) for layer, site in partitions]
         return Partial(
             exceedances=_concat([p[0] for p in pieces], EXCEEDANCE_SCHEMA),
             stats=_concat([p[1] for p in pieces], STATS_SCHEMA),
@@ -214,33 +251,36 @@ class Scanner:
 
     # -- exceedances: read back what extraction stored, at a threshold >= floor --
 
-    def _stored(self, layer: int, site: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    def _stored(self, partitions: list[tuple[int, str]], share: tuple[int, int]) -> Partial:
+        wanted = pl.DataFrame(
+            {"layer": [p[0] for p in partitions], "site": [p[1] for p in partitions]},
+            schema={"layer": pl.Int32, "site": pl.String},
+        )
+        first, step = share
         kept = pl.col("value").abs().cast(pl.Float64) >= self.threshold
-        found = [
-            table.filter(kept)
-            for path in self._files("exceedances", layer, site, required=False)
-            if (table := self._read(path, ["seq", "pos", "dim", "value"])) is not None
-        ]
-        exceedances = _tag(found, layer, site, EXCEEDANCE_SCHEMA)
-        stored = [
-            table
-            for path in self._files("stats", layer, site)
-            if (table := self._read(path, ["dim", "max_abs"])) is not None
-        ]
-        # Stored counts are at the floor; the count at this threshold comes from the exceedances.
-        count = exceedances.group_by("dim").agg(count=pl.len())
+
+        def read(kind: str, columns: list[str], schema: dict) -> pl.DataFrame:
+            paths = stored_files(self.fs, f"{self.root}/{kind}")[first::step]
+            tables = [t.filter(kept) if kind == "exceedances" else t
+                      for path in paths if (t := self._read(path, columns)) is not None]
+            found = _concat([t.cast(schema) for t in tables], schema)
+            return found.join(wanted, on=["layer", "site"], how="semi")
+
+        exceedances = read("exceedances", list(EXCEEDANCE_SCHEMA), EXCEEDANCE_SCHEMA)
         magnitude = {k: STATS_SCHEMA[k] for k in ("layer", "site", "dim", "max_abs")}
+        # Stored counts are at the floor; the count at this threshold comes from the exceedances.
+        count = exceedances.group_by("layer", "site", "dim").agg(count=pl.len())
         stats = (
-            _tag(stored, layer, site, magnitude)
+            read("stats", list(magnitude), magnitude)
             .group_by("layer", "site", "dim")
             .agg(pl.col("max_abs").max())
-            .join(count, on="dim", how="left")
+            .join(count, on=["layer", "site", "dim"], how="left")
             .with_columns(pl.col("count").fill_null(0))
             .select(STATS_SCHEMA.keys())
             .cast(STATS_SCHEMA)
-            .sort("dim")
+            .sort("layer", "site", "dim")
         )
-        return exceedances, stats
+        return Partial(exceedances, stats, list(self.skipped))
 
     # -- files --
 

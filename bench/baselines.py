@@ -7,14 +7,19 @@
     is re-run over every sequence with hooks on that chunk's layer norms, and each
     layer-site is saved with `torch.save`; the analysis then loads every file and walks,
     in a Python loop, every entry with |x| >= threshold to build the per-dim statistics.
-Both run with one torch thread, as each pipeline stage does.
+Both run with one torch thread, as each pipeline stage does. For the ratios both run in a
+fresh process after one warm-up forward of seeded random tokens, the warm-up every stage
+does: on the CPU each new matmul shape costs a kernel build, and a process that has already
+run these very tokens has every expert shape built (`warm_on="tokens"`, reported apart).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,7 @@ import torch
 
 from actors.capture import Capture
 from actors.shard import load_full
+from actors.stage import warm_up_ids
 
 CHUNKS = 6  # the original split its 48 layers into 6 chunks of 8
 
@@ -36,7 +42,22 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
     return statistics.median(runs), runs
 
 
-def plain_forward(model_path: str, dtype: str, tokens: torch.Tensor, repeats: int) -> dict:
+def in_fresh_process(fn, *args):
+    """`fn(*args)` in a new interpreter (spawned, so no kernel built here is reused there)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def warm_up(model, tokens: torch.Tensor, warm_on: str) -> None:
+    """One forward before timing: of a stage's warm-up tokens ("random"), or of `tokens` itself."""
+    ids = warm_up_ids(model.config.vocab_size, 1, tokens.shape[1]) if warm_on == "random" else tokens
+    with torch.inference_mode():
+        for row in ids.split(1):  # [1, seq]
+            model.model(input_ids=row)
+
+
+def plain_forward(model_path: str, dtype: str, tokens: torch.Tensor, repeats: int,
+                  warm_on: str = "random") -> dict:
     """(a): the decoder forward alone, micro-batches of one sequence, after a warm-up."""
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -48,7 +69,7 @@ def plain_forward(model_path: str, dtype: str, tokens: torch.Tensor, repeats: in
         for row in tokens.split(1):  # [1, seq]
             model.model(input_ids=row)
 
-    run()  # warm-up: first-call allocations and kernel selection
+    warm_up(model, tokens, warm_on)
     median, runs = timed(run, repeats)
     return {"load_s": load_s, "seconds": median, "runs": runs}
 
@@ -107,6 +128,7 @@ def legacy(model_path: str, dtype: str, tokens: torch.Tensor, out: Path, thresho
     start = time.perf_counter()
     model = load_full(model_path, dtype)
     load_s = time.perf_counter() - start
+    warm_up(model, tokens, "random")
     extract, analyse, found, size = [], [], [], 0
     for _ in range(repeats):
         out.mkdir(parents=True, exist_ok=True)

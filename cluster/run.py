@@ -199,8 +199,9 @@ def open_ledger(config: RunConfig, prepared: Prepared, resume: bool) -> Ledger:
         old["config"], old["status"] = ledger.record["config"], "running"
         ledger.record = old
         removed = storage.remove_debris(fs, root)
+        removed += storage.remove_uncommitted(fs, root, ledger.committed())
         if removed:
-            print(f"resume: removed {removed} partial files left by the interrupted run")
+            print(f"resume: removed {removed} partial or uncommitted files left by the interrupted run")
     ledger.save()
     return ledger
 

@@ -79,7 +79,7 @@ def write_run(
             if storage == "dense":
                 _write_dense(root / "activations" / part, seqs, poss, rows, parts, float16_parts)
             else:
-                _write_exceedances(root, part, seqs, poss, rows, floor)
+                _write_exceedances(root, layer, site, seqs, poss, rows, floor)
     config = {"data": {"seq_len": int(length)} if seq_len else {}, "analysis": analysis or {}}
     info = {
         "num_layers": int(num_layers),
@@ -111,22 +111,26 @@ def _write_dense(folder, seqs, poss, rows, parts, float16_parts):
         pq.write_table(table, folder / f"part-{i}.parquet")
 
 
-def _write_exceedances(root, part, seqs, poss, rows, floor):
+def _write_exceedances(root, layer, site, seqs, poss, rows, floor):
+    """One stage folder per layer, one file per site: the writer's layout, in more files."""
     kept_rows, dims = np.nonzero(np.abs(rows) >= floor)
-    folder = root / "exceedances" / part
+    folder = root / "exceedances" / f"layers={layer}-{layer}"
     folder.mkdir(parents=True, exist_ok=True)
+    tags = lambda n: {"layer": pa.array([layer] * n, pa.int32()), "site": pa.array([site] * n)}  # noqa: E731
     table = pa.table(
         {
+            **tags(len(kept_rows)),
             "seq": pa.array(seqs[kept_rows], pa.int64()),
             "pos": pa.array(poss[kept_rows], pa.int32()),
             "dim": pa.array(dims, pa.int32()),
             "value": pa.array(rows[kept_rows, dims], pa.float32()),
         }
     )
-    pq.write_table(table, folder / "part-0.parquet")
+    pq.write_table(table, folder / f"part-{site}.parquet")
     wide = rows.astype(np.float64)  # [tokens, hidden]
     stats = pa.table(
         {
+            **tags(rows.shape[1]),
             "dim": pa.array(np.arange(rows.shape[1]), pa.int32()),
             "count": pa.array((np.abs(rows) >= floor).sum(axis=0), pa.int64()),
             "max_abs": pa.array(np.abs(wide).max(axis=0), pa.float64()),
@@ -134,8 +138,9 @@ def _write_exceedances(root, part, seqs, poss, rows, floor):
             "sum_sq": pa.array((wide**2).sum(axis=0), pa.float64()),
         }
     )
-    (root / "stats" / part).mkdir(parents=True, exist_ok=True)
-    pq.write_table(stats, root / "stats" / part / "part-0.parquet")
+    folder = root / "stats" / f"layers={layer}-{layer}"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(stats, folder / f"part-{site}.parquet")
 
 
 def reference_per_dim(acts, mask, threshold, seq_len=None):

@@ -90,14 +90,15 @@ def test_stored_stats_are_those_of_every_real_token(runs):
     acts = pl.read_parquet(dense / "activations" / "layer=2" / "site=ln_mlp" / "*.parquet")
     x = np.asarray(acts["act"].to_numpy(), dtype=np.float64)  # [tokens, hidden]
     assert len(x) == BATCH * SEQ - PAD  # padding positions never written
-    stats = (pl.read_parquet(stored / "stats" / "layer=2" / "site=ln_mlp" / "*.parquet")
-             .group_by("dim").agg(pl.col("count", "sum", "sum_sq").sum(), pl.col("max_abs").max())
+    stats = (pl.read_parquet(stored / "stats" / "*" / "*.parquet")
+             .filter(layer=2, site="ln_mlp").group_by("dim").agg(pl.col("count", "sum", "sum_sq").sum(), pl.col("max_abs").max())
              .sort("dim"))
     np.testing.assert_array_equal(stats["count"], (np.abs(x) >= FLOOR).sum(0))
     np.testing.assert_array_equal(stats["max_abs"], np.abs(x).max(0))
     np.testing.assert_allclose(stats["sum"], x.sum(0), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(stats["sum_sq"], (x**2).sum(0), rtol=1e-9)
-    rows = pl.read_parquet(stored / "exceedances" / "layer=2" / "site=ln_mlp" / "*.parquet")
+    rows = pl.read_parquet(stored / "exceedances" / "*" / "*.parquet").filter(layer=2, site="ln_mlp")
+    assert len(rows) == int(stats["count"].sum())
     assert rows.filter((pl.col("seq") == BATCH - 1) & (pl.col("pos") >= SEQ - PAD)).is_empty()
 
 
@@ -117,7 +118,7 @@ def test_floor_is_compared_as_a_real_number(tmp_path):
     below = np.float32(3.1)
     above = np.nextafter(below, np.float32(np.inf))
     writer = ExceedanceWriter(str(tmp_path), 3.1)
-    (token, dim, value), stats = writer.select(torch.tensor([[below, -3.5, 1.0, above]]))
+    (site, token, dim, value), stats = writer.select(torch.tensor([[[below, -3.5, 1.0, above]]]))
     assert float(below) < 3.1 <= float(float32_bar(3.1)) == float(above)
     assert dim.tolist() == [1, 3] and value.tolist() == [-3.5, float(above)]
-    assert stats["count"].tolist() == [0, 1, 0, 1]
+    assert stats["count"].tolist() == [[0, 1, 0, 1]]

@@ -113,3 +113,33 @@ def test_stage_actors_are_named_like_the_plan(ray_cluster, tiny_checkpoint, tmp_
         for stage in stages:
             ray.kill(stage)
         remove_placement_group(group)
+
+
+def test_exceedance_run_resumed_with_another_split_counts_nothing_twice(ray_cluster, planted_checkpoint, tmp_path):
+    import polars as pl
+
+    run = tmp_path / "run"
+
+    def config(num_stages: int):
+        return load_config(run_config(planted_checkpoint, run, pipeline={"num_stages": num_stages},
+                                      storage={"mode": "exceedances", "floor": 3.0}))
+
+    def stored(kind: str) -> pl.DataFrame:
+        return pl.read_parquet(run / kind / "*" / "*.parquet").sort(pl.all())
+
+    first = execute(config(2), log=lambda *_: None)
+    want = {kind: stored(kind) for kind in ("exceedances", "stats")}
+    assert len(want["exceedances"]) > 0
+    # Interrupt: micro-batch 1 was written by both stages but never committed.
+    ledger = run / "run.json"
+    record = json.loads(ledger.read_text())
+    record["status"], record["batches"]["1"]["status"] = "running", "pending"
+    ledger.write_text(json.dumps(record))
+
+    resumed = execute(config(3), resume=True, log=lambda *_: None)
+    for kind, table in want.items():
+        assert stored(kind).equals(table), kind
+    redone = sorted(p.parent.name for p in (run / "exceedances").rglob("mb-000001.parquet"))
+    assert redone == ["layers=0-1", "layers=2-3", "layers=4-5"]
+    assert resumed["summary"]["outlier_features"] == first["summary"]["outlier_features"]
+    assert [f["dim"] for f in first["summary"]["outlier_features"]] == [5, 40]
