@@ -159,7 +159,22 @@ def load_shard(spec: ShardSpec, device: str | torch.device = "cpu") -> nn.Module
             f"{spec.model_path}: checkpoint lacks {sorted(info['missing_keys'])[:5]} for layers "
             f"{spec.layers.start}-{spec.layers.stop - 1}; is it complete?"
         )
-    return model.to(device).eval()
+    return own_memory(model.to(device)).eval()
+
+
+def own_memory(model: nn.Module) -> nn.Module:
+    """Copy into process memory the tensors that are still views of the checkpoint file.
+
+    NOTE: from_pretrained leaves tensors that need no dtype conversion as views of the
+    memory-mapped safetensors file, which then stays mapped whole: every page the load read
+    counts in the stage's RSS (bench: 206 MiB of file pages kept for 14 MiB of such tensors).
+    Such storages are the non-resizable ones; the copies let the mapping go.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and not tensor.untyped_storage().resizable():
+                tensor.data = tensor.data.clone()
+    return model
 
 
 def load_full(model_path: str, dtype: str = "float32", **kwargs) -> nn.Module:

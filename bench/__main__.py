@@ -9,6 +9,7 @@ ratios are medians of per-round ratios. Prints the table, writes JSON (--json) a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -30,6 +31,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", default=str(HERE / "results.json"), help="where to write the figures")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--no-memory", action="store_true", help="skip the stage memory check")
+    parser.add_argument("--sequences", type=int,
+                        help="sequences of 512 tokens (default 8): more amortise each process's cold start")
     return parser.parse_args(argv)
 
 
@@ -77,6 +80,8 @@ def rows(rounds: list[dict], details: list[dict], analysis: dict) -> dict:
 def main(argv=None) -> int:
     args = parse(argv)
     work = QUICK if args.quick else Workload()
+    if args.sequences:
+        work = dataclasses.replace(work, num_sequences=args.sequences)
     count = args.rounds or (1 if args.quick else 3)
     result = {"machine": report.machine(), "workload": work.describe(), "rounds": count}
     path, tokens = extract_tokens(work)
