@@ -140,3 +140,16 @@ def fault_free_run(planted_checkpoint, tmp_path_factory):
     for stage in stages:
         stage.flush()
     return output
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Shut down any Ray a test left connected while pytest is still in charge.
+
+    NOTE: left to the interpreter's exit handlers, Ray's core-worker threads can race
+    finalization; a suite whose tests all passed once exited with SIGSEGV that way.
+    """
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

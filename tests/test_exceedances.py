@@ -90,8 +90,8 @@ def test_stored_stats_are_those_of_every_real_token(runs):
     acts = pl.read_parquet(dense / "activations" / "layer=2" / "site=ln_mlp" / "*.parquet")
     x = np.asarray(acts["act"].to_numpy(), dtype=np.float64)  # [tokens, hidden]
     assert len(x) == BATCH * SEQ - PAD  # padding positions never written
-    stats = (pl.read_parquet(stored / "stats" / "*" / "*.parquet")
-             .filter(layer=2, site="ln_mlp").group_by("dim").agg(pl.col("count", "sum", "sum_sq").sum(), pl.col("max_abs").max())
+    stats = (pl.read_parquet(stored / "stats" / "*" / "*.parquet").filter(layer=2, site="ln_mlp")
+             .group_by("dim").agg(pl.col("count", "sum", "sum_sq").sum(), pl.col("max_abs").max())
              .sort("dim"))
     np.testing.assert_array_equal(stats["count"], (np.abs(x) >= FLOOR).sum(0))
     np.testing.assert_array_equal(stats["max_abs"], np.abs(x).max(0))
