@@ -123,7 +123,10 @@ def list_partitions(run_dir: str | os.PathLike, info: dict) -> list[tuple[int, s
             if (match := PARTITION.search(site_dir))
         }
     else:
-        parts = _stored_partitions(fs, stored_files(fs, base))
+        # NOTE: a stage writes all of its layer-sites into every file of its folder: one
+        # readable file per folder names them all.
+        parts = set().union(*(_stored_partitions(fs, stored_files(fs, base, folder))
+                              for folder in _subdirs(fs, base)))
     if not parts:
         raise RunError(
             f"{base}: no (layer, site) partitions, so nothing was captured. Re-run extraction."
@@ -131,27 +134,26 @@ def list_partitions(run_dir: str | os.PathLike, info: dict) -> list[tuple[int, s
     return sorted(parts)
 
 
-def stored_files(fs: pafs.FileSystem, base: str) -> list[str]:
-    """Every .parquet file in the stage folders (`layers=<a>-<b>`) under `base`, sorted."""
+def stored_files(fs: pafs.FileSystem, base: str, *folders: str) -> list[str]:
+    """The .parquet files in `folders`, or in every stage folder (`layers=<a>-<b>`) under `base`."""
     return sorted(
         e.path
-        for folder in _subdirs(fs, base)
+        for folder in folders or _subdirs(fs, base)
         for e in fs.get_file_info(pafs.FileSelector(folder))
         if e.type == pafs.FileType.File and e.path.endswith(".parquet")
     )
 
 
 def _stored_partitions(fs: pafs.FileSystem, paths: list[str]) -> set[tuple[int, str]]:
-    """The (layer, site) pairs named in the stats files; unreadable ones are left to the scan."""
-    parts = set()
+    """The (layer, site) pairs in the first readable stats file; unreadable ones are left to the scan."""
     for path in paths:
         try:
             with fs.open_input_file(path) as handle:
                 keys = pl.read_parquet(handle, columns=["layer", "site"]).unique()
         except (Exception, pl.exceptions.PanicException):  # reported, or skipped, by Scanner
             continue
-        parts.update(zip(keys["layer"].to_list(), keys["site"].to_list()))
-    return parts
+        return set(zip(keys["layer"].to_list(), keys["site"].to_list()))
+    return set()
 
 
 def _subdirs(fs: pafs.FileSystem, path: str) -> list[str]:
@@ -252,19 +254,14 @@ class Scanner:
     # -- exceedances: read back what extraction stored, at a threshold >= floor --
 
     def _stored(self, partitions: list[tuple[int, str]], share: tuple[int, int]) -> Partial:
-        wanted = pl.DataFrame(
-            {"layer": [p[0] for p in partitions], "site": [p[1] for p in partitions]},
-            schema={"layer": pl.Int32, "site": pl.String},
-        )
         first, step = share
-        kept = pl.col("value").abs().cast(pl.Float64) >= self.threshold
+        wanted = _among(partitions)
+        kept = wanted & (pl.col("value").abs().cast(pl.Float64) >= self.threshold)
 
         def read(kind: str, columns: list[str], schema: dict) -> pl.DataFrame:
             paths = stored_files(self.fs, f"{self.root}/{kind}")[first::step]
-            tables = [t.filter(kept) if kind == "exceedances" else t
-                      for path in paths if (t := self._read(path, columns)) is not None]
-            found = _concat([t.cast(schema) for t in tables], schema)
-            return found.join(wanted, on=["layer", "site"], how="semi")
+            chosen = kept if kind == "exceedances" else wanted
+            return _concat([t.filter(chosen).cast(schema) for t in self._read_all(paths, columns)], schema)
 
         exceedances = read("exceedances", list(EXCEEDANCE_SCHEMA), EXCEEDANCE_SCHEMA)
         magnitude = {k: STATS_SCHEMA[k] for k in ("layer", "site", "dim", "max_abs")}
@@ -296,6 +293,16 @@ class Scanner:
             )
         return paths
 
+    def _read_all(self, paths: list[str], columns: list[str]) -> list[pl.DataFrame]:
+        """Local files in one call (Polars reads them in parallel); file by file, to name or
+        skip an unreadable one, when that fails or the files are remote."""
+        if paths and isinstance(self.fs, pafs.LocalFileSystem):
+            try:
+                return [pl.read_parquet(paths, columns=columns, hive_partitioning=False)]
+            except (Exception, pl.exceptions.PanicException):
+                pass
+        return [t for path in paths if (t := self._read(path, columns)) is not None]
+
     def _read(self, path: str, columns: list[str]) -> pl.DataFrame | None:
         """One Parquet file, or None when it is unreadable and allow_partial skips it."""
         try:
@@ -314,6 +321,18 @@ class Scanner:
             warnings.warn(f"skipping unreadable {path} ({reason})", stacklevel=2)
             self.skipped.append(path)
             return None
+
+
+def _among(partitions: list[tuple[int, str]]) -> pl.Expr:
+    """Rows whose (layer, site) is one of `partitions` (a filter, not a join on a string key)."""
+    layers: dict[str, list[int]] = {}
+    for layer, site in partitions:
+        layers.setdefault(site, []).append(layer)
+    if not layers:
+        return pl.lit(False)
+    return pl.any_horizontal(
+        [(pl.col("site") == site) & pl.col("layer").is_in(ls) for site, ls in layers.items()]
+    )
 
 
 def _tag(tables: list[pl.DataFrame], layer: int, site: str, schema: dict) -> pl.DataFrame:

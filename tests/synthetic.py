@@ -73,13 +73,13 @@ def write_run(
     num_layers, _, _, length, hidden = acts.shape
     seqs, poss = np.nonzero(mask)  # the non-padding tokens, in (seq, pos) order
     for layer in range(num_layers):
-        for s, site in enumerate(SITES):
-            rows = acts[layer, s][mask]  # [tokens, hidden]
-            part = f"layer={layer}/site={site}"
-            if storage == "dense":
-                _write_dense(root / "activations" / part, seqs, poss, rows, parts, float16_parts)
-            else:
-                _write_exceedances(root, layer, site, seqs, poss, rows, floor)
+        by_site = {site: acts[layer, s][mask] for s, site in enumerate(SITES)}  # [tokens, hidden] each
+        if storage != "dense":
+            _write_exceedances(root, layer, seqs, poss, by_site, parts, floor)
+            continue
+        for site, rows in by_site.items():
+            _write_dense(root / "activations" / f"layer={layer}/site={site}", seqs, poss, rows,
+                         parts, float16_parts)
     config = {"data": {"seq_len": int(length)} if seq_len else {}, "analysis": analysis or {}}
     info = {
         "num_layers": int(num_layers),
@@ -111,36 +111,35 @@ def _write_dense(folder, seqs, poss, rows, parts, float16_parts):
         pq.write_table(table, folder / f"part-{i}.parquet")
 
 
-def _write_exceedances(root, layer, site, seqs, poss, rows, floor):
-    """One stage folder per layer, one file per site: the writer's layout, in more files."""
-    kept_rows, dims = np.nonzero(np.abs(rows) >= floor)
-    folder = root / "exceedances" / f"layers={layer}-{layer}"
-    folder.mkdir(parents=True, exist_ok=True)
-    tags = lambda n: {"layer": pa.array([layer] * n, pa.int32()), "site": pa.array([site] * n)}  # noqa: E731
-    table = pa.table(
-        {
-            **tags(len(kept_rows)),
-            "seq": pa.array(seqs[kept_rows], pa.int64()),
-            "pos": pa.array(poss[kept_rows], pa.int32()),
-            "dim": pa.array(dims, pa.int32()),
-            "value": pa.array(rows[kept_rows, dims], pa.float32()),
-        }
-    )
-    pq.write_table(table, folder / f"part-{site}.parquet")
-    wide = rows.astype(np.float64)  # [tokens, hidden]
-    stats = pa.table(
-        {
-            **tags(rows.shape[1]),
-            "dim": pa.array(np.arange(rows.shape[1]), pa.int32()),
-            "count": pa.array((np.abs(rows) >= floor).sum(axis=0), pa.int64()),
-            "max_abs": pa.array(np.abs(wide).max(axis=0), pa.float64()),
-            "sum": pa.array(wide.sum(axis=0), pa.float64()),
-            "sum_sq": pa.array((wide**2).sum(axis=0), pa.float64()),
-        }
-    )
-    folder = root / "stats" / f"layers={layer}-{layer}"
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(stats, folder / f"part-{site}.parquet")
+def _write_exceedances(root, layer, seqs, poss, by_site, parts, floor):
+    """The writer's layout with one stage per layer: each file holds every site of the layer,
+    for one `parts`-th of the tokens (as a micro-batch would)."""
+    for i, chunk in enumerate(np.array_split(np.arange(len(seqs)), parts)):
+        kept, stats = [], []
+        for site, all_rows in by_site.items():
+            rows = all_rows[chunk]  # [tokens, hidden]
+            kept_rows, dims = np.nonzero(np.abs(rows) >= floor)
+            tags = lambda n: {"layer": pa.array([layer] * n, pa.int32()), "site": pa.array([site] * n, pa.string())}  # noqa: E731,B023
+            kept.append(pa.table({
+                **tags(len(kept_rows)),
+                "seq": pa.array(seqs[chunk][kept_rows], pa.int64()),
+                "pos": pa.array(poss[chunk][kept_rows], pa.int32()),
+                "dim": pa.array(dims, pa.int32()),
+                "value": pa.array(rows[kept_rows, dims], pa.float32()),
+            }))
+            wide = rows.astype(np.float64)  # [tokens, hidden]
+            stats.append(pa.table({
+                **tags(rows.shape[1]),
+                "dim": pa.array(np.arange(rows.shape[1]), pa.int32()),
+                "count": pa.array((np.abs(rows) >= floor).sum(axis=0), pa.int64()),
+                "max_abs": pa.array(np.abs(wide).max(axis=0) if len(rows) else np.zeros(rows.shape[1]), pa.float64()),
+                "sum": pa.array(wide.sum(axis=0), pa.float64()),
+                "sum_sq": pa.array((wide**2).sum(axis=0), pa.float64()),
+            }))
+        for kind, tables in (("exceedances", kept), ("stats", stats)):
+            folder = root / kind / f"layers={layer}-{layer}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.concat_tables(tables), folder / f"mb-{i:06d}.parquet")
 
 
 def reference_per_dim(acts, mask, threshold, seq_len=None):
