@@ -64,3 +64,27 @@ def test_stage_uses_the_expert_kernel_of_from_pretrained(tiny_checkpoint):
     plain = load_full(path, "float32").config._experts_implementation
     stage = StageActor(StageSpec(0, ShardSpec(path, range(0, 3)), "/tmp/unused"))
     assert stage.config._experts_implementation == plain == "grouped_mm"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_hidden_states_cross_between_stages_out_of_band_and_exact(dtype):
+    import pickle
+
+    import torch
+
+    from actors.writer import MicroBatch
+
+    hidden = torch.randn(2, 9, 16).to(getattr(torch, dtype))[:, ::2]  # [batch, seq, hidden], strided
+    hidden[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -0.0])
+    ids = torch.arange(10).reshape(2, 5)
+    batch = MicroBatch(4, [7, 8], ids, torch.ones_like(ids), hidden)
+    buffers = []
+    data = pickle.dumps(batch, protocol=5, buffer_callback=buffers.append)
+    # As Ray does: the hidden states leave the pickle stream, to be read back read-only.
+    assert [b.raw().nbytes for b in buffers] == [hidden.numel() * hidden.element_size()]
+    back = pickle.loads(data, buffers=[b.raw().toreadonly() for b in buffers])
+    assert back.hidden.dtype == hidden.dtype and back.hidden.shape == hidden.shape
+    same = back.hidden.contiguous().view(torch.uint8).equal(hidden.contiguous().view(torch.uint8))
+    assert same, "hidden states changed in transit"
+    back.hidden.add_(1)  # a stage may write to what it received
+    assert (back.index, back.seqs) == (4, [7, 8]) and back.input_ids.equal(ids)
