@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import uuid
 
@@ -91,6 +92,17 @@ def remove_debris(fs: pafs.FileSystem, root: str) -> int:
     return len(debris)
 
 
+def batch_file(index: int) -> str:
+    """The file name of micro-batch `index`: one name, so a re-run overwrites, never duplicates."""
+    return f"mb-{index:06d}.parquet"
+
+
+def batch_index(name: str) -> int | None:
+    """The micro-batch a file name `batch_file` made belongs to; None for any other name."""
+    match = re.fullmatch(r"mb-(\d+)\.parquet", name)
+    return int(match[1]) if match else None
+
+
 def remove_uncommitted(fs: pafs.FileSystem, root: str, committed: set[int]) -> int:
     """Delete the tables of micro-batches the ledger never committed; returns how many files.
 
@@ -101,11 +113,9 @@ def remove_uncommitted(fs: pafs.FileSystem, root: str, committed: set[int]) -> i
     stale = []
     for kind in ("activations", "exceedances", "stats"):
         selector = pafs.FileSelector(f"{root}/{kind}", recursive=True, allow_not_found=True)
-        for info in fs.get_file_info(selector):
-            name = info.base_name
-            if info.type == pafs.FileType.File and name.startswith("mb-") and name.endswith(".parquet"):
-                if int(name[3:-8]) not in committed:
-                    stale.append(info.path)
+        stale += [info.path for info in fs.get_file_info(selector)
+                  if info.type == pafs.FileType.File
+                  and (index := batch_index(info.base_name)) is not None and index not in committed]
     for path in stale:
         fs.delete_file(path)
     return len(stale)

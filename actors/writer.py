@@ -68,9 +68,9 @@ def from_wire(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tens
     return torch.from_numpy(raw).view(getattr(torch, dtype)).reshape(shape)
 
 
-def part_path(root: str, layer: int, site: str, index: int, kind: str = "activations") -> str:
-    # One name per micro-batch: a re-run of the micro-batch overwrites instead of duplicating.
-    return f"{root}/{kind}/layer={layer}/site={site}/mb-{index:06d}.parquet"
+def part_path(root: str, layer: int, site: str, index: int) -> str:
+    """Where a dense layer-site of micro-batch `index` is written."""
+    return f"{root}/activations/layer={layer}/site={site}/{storage.batch_file(index)}"
 
 
 def valid_rows(acts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -157,10 +157,10 @@ class ExceedanceWriter:
             kept.append(_tagged(part_kept, group, seq, pos))
             stats.append(_tagged_stats(part_stats, group))
         folder = stage_folder(keys)
-        path = f"{self.root}/exceedances/{folder}/mb-{batch.index:06d}.parquet"
+        path = f"{self.root}/exceedances/{folder}/{storage.batch_file(batch.index)}"
         self.bytes_written += storage.write_table(self.fs, path, pa.concat_tables(kept))
         # NOTE: stats last: a stats file is what marks the micro-batch's layer-sites as present.
-        path = f"{self.root}/stats/{folder}/mb-{batch.index:06d}.parquet"
+        path = f"{self.root}/stats/{folder}/{storage.batch_file(batch.index)}"
         self.bytes_written += storage.write_table(self.fs, path, pa.concat_tables(stats))
 
     def select(self, acts: torch.Tensor) -> tuple[tuple, dict]:

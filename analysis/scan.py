@@ -218,7 +218,7 @@ class Scanner:
         count = np.zeros(hidden, dtype=np.int64)
         found = [
             self._exceeding(path, table, max_abs, count)
-            for path in self._files("activations", layer, site)
+            for path in self._files(layer, site)
             if (table := self._read(path, ["seq", "pos", "act"])) is not None
         ]
         stats = pl.DataFrame(
@@ -281,13 +281,14 @@ class Scanner:
 
     # -- files --
 
-    def _files(self, kind: str, layer: int, site: str, required: bool = True) -> list[str]:
-        base = f"{self.root}/{kind}/layer={layer}/site={site}"
+    def _files(self, layer: int, site: str) -> list[str]:
+        """The dense files of one partition; there must be some."""
+        base = f"{self.root}/activations/layer={layer}/site={site}"
         entries = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
         paths = sorted(
             e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".parquet")
         )
-        if not paths and required:
+        if not paths:
             raise RunError(
                 f"{base}: no .parquet files. Re-run extraction for layer {layer} site {site}."
             )

@@ -82,9 +82,11 @@ def test_hidden_states_cross_between_stages_out_of_band_and_exact(dtype):
     data = pickle.dumps(batch, protocol=5, buffer_callback=buffers.append)
     # As Ray does: the hidden states leave the pickle stream, to be read back read-only.
     assert [b.raw().nbytes for b in buffers] == [hidden.numel() * hidden.element_size()]
-    back = pickle.loads(data, buffers=[b.raw().toreadonly() for b in buffers])
+    store = [bytes(b.raw()) for b in buffers]  # the object store's copy, read-only to readers
+    back = pickle.loads(data, buffers=[memoryview(b) for b in store])
     assert back.hidden.dtype == hidden.dtype and back.hidden.shape == hidden.shape
     same = back.hidden.contiguous().view(torch.uint8).equal(hidden.contiguous().view(torch.uint8))
     assert same, "hidden states changed in transit"
-    back.hidden.add_(1)  # a stage may write to what it received
+    back.hidden.add_(1)  # a stage may write to what it received, never into the store
+    assert store == [hidden.contiguous().view(torch.uint8).numpy().tobytes()]
     assert (back.index, back.seqs) == (4, [7, 8]) and back.input_ids.equal(ids)

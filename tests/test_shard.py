@@ -26,7 +26,6 @@ def test_stage_holds_only_its_layers(tiny_checkpoint):
         assert held == sum(layer_bytes[i] for i in layers) + (embed_bytes if layers.start == 0 else 0)
 
 
-
 def test_a_cpu_shard_keeps_no_view_of_the_checkpoint_file(tiny_checkpoint):
     # A view would keep the whole memory-mapped file mapped, its read pages counted in RSS.
     model = load_shard(ShardSpec(tiny_checkpoint("qwen3_moe"), range(0, 2)))
