@@ -1,8 +1,11 @@
 """Which activations we capture, and the hooks that capture them.
 
-A capture site is named by the module it reads, relative to a decoder layer. All
-supported architectures (Llama, Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS, DeepSeek-V3)
-use the same names; adding a site or an architecture touches only this table.
+A site is the input of the module that plays a role in a decoder layer
+(actors/families.py): `ln_attn` the attention block's, `ln_mlp` the MLP or MoE block's.
+Forward pre-hooks keep that input as the model passes it, so what is stored is what the
+block's projections, router and experts read. Each site must be seen exactly once per
+layer and forward, and must not change after it was seen; anything else is a family
+this capture does not understand, and fails the forward rather than store a wrong value.
 """
 
 from __future__ import annotations
@@ -10,34 +13,68 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SITES = {"ln_attn": "input_layernorm", "ln_mlp": "post_attention_layernorm"}
+from actors.families import SITES, Family, site_modules
+
+
+class CaptureError(RuntimeError):
+    """A site was missed, seen twice, or changed in place by the model after capture."""
 
 
 class Capture:
-    """Forward hooks that keep each site's output of the last forward pass.
+    """Pre-hooks that keep each site's input of the last forward pass.
 
-    `taken[(layer, site)]` is the norm output `# [batch, seq, hidden]`, detached and
-    still on the model's device: moving to the CPU happens once, later, per batch.
+    `taken[(layer, site)]` is the block input `# [batch, seq, hidden]`, detached and still
+    on the model's device: moving to the CPU happens once, later, per batch.
     """
 
-    def __init__(self, layers: dict[int, nn.Module]):
+    def __init__(self, layers: dict[int, nn.Module], family: Family, model_type: str = ""):
+        self.expected = {(index, site) for index in layers for site in SITES}
         self.taken: dict[tuple[int, str], torch.Tensor] = {}
+        self._versions: dict[tuple[int, str], int] = {}
+        self._errors: list[str] = []
         self._handles = [
-            getattr(layer, module).register_forward_hook(self._keep(index, site))
+            module.register_forward_pre_hook(self._keep(index, site), with_kwargs=True)
             for index, layer in layers.items()
-            for site, module in SITES.items()
+            for site, module in site_modules(family, layer, index, model_type).items()
         ]
 
     def _keep(self, layer: int, site: str):
-        def hook(_module, _inputs, output):
-            self.taken[(layer, site)] = output.detach()
+        def hook(_module, args, kwargs):
+            value = args[0] if args else kwargs.get("hidden_states")
+            if not isinstance(value, torch.Tensor):
+                self._errors.append(f"layer {layer} {site}: the block's input is not a tensor")
+            elif (layer, site) in self.taken:
+                self._errors.append(f"layer {layer} {site}: the block ran twice in one forward")
+            else:
+                self.taken[(layer, site)] = value.detach()
+                self._versions[(layer, site)] = _version(value)
 
         return hook
 
     def pop(self) -> dict[tuple[int, str], torch.Tensor]:
-        taken, self.taken = self.taken, {}
+        """The captures of the last forward; CaptureError if any site was not seen exactly once."""
+        taken, errors, versions = self.taken, self._errors, self._versions
+        self.taken, self._errors, self._versions = {}, [], {}
+        missing = sorted(self.expected - set(taken))
+        errors += [f"layer {layer} {site}: never ran" for layer, site in missing]
+        # NOTE: a block input that the model later changes in place would be stored changed.
+        errors += [f"layer {layer} {site}: changed in place after capture"
+                   for (layer, site), tensor in taken.items() if _version(tensor) != versions[(layer, site)]]
+        if errors:
+            raise CaptureError("; ".join(errors[:4]))
         return taken
+
+    def clear(self) -> None:
+        self.taken, self._errors, self._versions = {}, [], {}
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place version counter (-1 for inference tensors, which keep none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1

@@ -1,12 +1,13 @@
 """Load only the decoder layers [a, b) of a Hugging Face checkpoint.
 
-A stage never materializes the whole model: we subclass the checkpoint's
-CausalLM class and, before weights are loaded, swap every module the stage
-does not own (other layers, embeddings off stage 0, final norm, lm_head) for a
-parameter-free placeholder. `from_pretrained` then reads only the tensors that
-still have a home, running transformers' own key conversions (fused expert
-weights included); the other tensors come back as "unexpected" and are never
-materialized.
+A stage never materializes the whole model: we subclass the checkpoint's CausalLM
+class and, before weights are loaded, swap every module the stage does not own for a
+parameter-free placeholder: other stages' layers pass their input through, the token
+embeddings off stage 0 become a stand-in of the right shape, the final norm and the
+LM head are absent. `from_pretrained` then reads only the tensors that still have a
+home, running transformers' own key conversions (fused expert weights, dequantization)
+on them; the other tensors come back as "unexpected" and are never materialized.
+Where the decoder and its parts live is the family's (actors/families.py).
 """
 
 from __future__ import annotations
@@ -17,20 +18,74 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from actors.capture import SITES
+from actors.families import Family, family_of
+from actors.layers import carried, inner_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Quantized releases a stage loads dequantized: quant_method -> transformers config class.
+DEQUANTIZABLE = {"fp8": "FineGrainedFP8Config", "mxfp4": "Mxfp4Config"}
 
 
 class ModelLoadError(ValueError):
     """A checkpoint that cannot be used, with a message saying how to fix it."""
 
 
+def _plain_attributes(module: nn.Module) -> dict:
+    """A module's own plain attributes (attention_type, layer_idx, ...): the model's forward
+    may read them off a layer it iterates over, even one another stage owns."""
+    return {k: v for k, v in vars(module).items()
+            if not k.startswith("_") and k != "training" and not isinstance(v, (nn.Module, torch.Tensor))}
+
+
 class _Absent(nn.Module):
-    """Placeholder for a module owned by another stage: no parameters, never called."""
+    """A module owned by another stage (or by no stage): no parameters, never called."""
+
+    def __init__(self, original: nn.Module | None = None):
+        super().__init__()
+        if original is not None:
+            vars(self).update(_plain_attributes(original))
 
     def forward(self, *args, **kwargs):  # pragma: no cover - a bug if reached
         raise RuntimeError("this module belongs to another pipeline stage")
+
+
+class _PassThrough(_Absent):
+    """A decoder layer another stage owns: returns what it was given, as the family's layers
+    return it, so the forward goes on to the stage's own layers (whose first one receives
+    the handed-off state instead)."""
+
+    def __init__(self, original: nn.Module, carries: tuple, arity: int):
+        super().__init__(original)
+        self.carries, self.arity = carries, arity
+
+    def forward(self, *args, **kwargs):
+        state = carried(args, kwargs, self.carries)
+        return state[0] if self.arity == 1 else (*state, *[None] * (self.arity - len(state)))
+
+
+class StandInEmbedding(_Absent):
+    """The token embeddings of a stage after the first: a tensor of the right shape, which
+    the first layer's hand-off replaces. `fill` is "zeros", or "noise" to check that nothing
+    downstream depends on it (actors/stage.py)."""
+
+    def __init__(self, original: nn.Module, hidden_size: int):
+        super().__init__(original)
+        self.hidden_size = hidden_size
+        self.dtype = torch.float32
+        self.device = torch.device("cpu")
+        self.fill = "zeros"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty weight of the right dtype and device, for forwards that ask the embedding's."""
+        return torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
+
+    def forward(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        shape = (*input_ids.shape, self.hidden_size)
+        if self.fill == "noise":
+            gen = torch.Generator(device=input_ids.device).manual_seed(7)
+            return torch.randn(shape, generator=gen, device=input_ids.device).to(self.dtype)
+        return torch.zeros(shape, dtype=self.dtype, device=input_ids.device)
 
 
 @dataclass(frozen=True)
@@ -50,7 +105,7 @@ def load_config(model_path: str):
 
     try:
         return AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(
             f"model.path={model_path!r} could not be loaded: {first_line(err)}. "
             "Give a local checkpoint directory (with config.json and *.safetensors), "
@@ -76,90 +131,108 @@ def causal_lm_class(config):
         ) from None
 
 
-def shard_class(base: type, layers: range, keep_embeddings: bool) -> type:
+def text_config(config):
+    """The decoder's own config: the `text_config` of a multimodal checkpoint, else `config`."""
+    try:
+        return config.get_text_config()
+    except (AttributeError, ValueError):
+        return config
+
+
+def has_experts(config) -> bool:
+    """Whether the family's experts take `experts_implementation` (dense models refuse it)."""
+    return causal_lm_class(config)._can_set_experts_implementation()
+
+
+def shard_class(base: type, family: Family, layers: range, keep_embeddings: bool) -> type:
     """A subclass of `base` whose instances hold only `layers` (and embeddings if asked)."""
 
-    def __init__(self, config):
-        base.__init__(self, config)
-        inner = self.model
-        for i in range(len(inner.layers)):
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        inner = inner_model(self, family)
+        decoder = getattr(inner, family.layers)
+        for i in range(len(decoder)):
             if i not in layers:
-                inner.layers[i] = _Absent()
+                decoder[i] = _PassThrough(decoder[i], family.carries, family.arity)
         if not keep_embeddings:
-            inner.embed_tokens = _Absent()
-        inner.norm = _Absent()
-        self.lm_head = _Absent()
+            setattr(inner, family.embed, StandInEmbedding(getattr(inner, family.embed), config.hidden_size))
+        if isinstance(getattr(inner, family.norm, None), nn.Module):
+            setattr(inner, family.norm, _Absent(getattr(inner, family.norm)))
+        if isinstance(getattr(self, family.head, None), nn.Module):
+            setattr(self, family.head, _Absent())
 
     attrs = {
         "__init__": __init__,
-        # NOTE: transformers allows grouped_mm experts only for classes defined in its
-        # own modeling files; without this flag our subclass silently runs `eager`
-        # experts and its results drift from a plain from_pretrained in the last bits.
-        "_can_set_experts_implementation_cached_value": True,
-        # Tied weights would point lm_head at embed_tokens, which we may not hold.
+        # NOTE: transformers decides from the defining module's source whether a class may use
+        # the grouped_mm experts kernel; our subclass inherits the answer of the class it extends
+        # (an eager fallback would drift from a plain from_pretrained in the last bits, and dense
+        # models refuse the flag).
+        "_can_set_experts_implementation_cached_value": base._can_set_experts_implementation(),
+        # Tied weights would point lm_head at the embeddings, which we may not hold.
         "_tied_weights_keys": None,
         # Other stages' tensors are expected to be left unread: keep the load report quiet.
-        "_keys_to_ignore_on_load_unexpected": foreign_keys(layers, keep_embeddings),
+        "_keys_to_ignore_on_load_unexpected": foreign_keys(family, layers, keep_embeddings),
         "__module__": base.__module__,
     }
     return type(f"{base.__name__}Shard", (base,), attrs)
 
 
-def foreign_keys(layers: range, keep_embeddings: bool) -> list[str]:
+def foreign_keys(family: Family, layers: range, keep_embeddings: bool) -> list[str]:
     """Regexes for checkpoint keys that belong to other stages."""
     owned = "|".join(str(i) for i in layers)
-    keys = [rf"(^|\.)layers\.(?!({owned})\.)\d+\.", r"(^|\.)norm\.", r"^lm_head\."]
-    return keys if keep_embeddings else [*keys, r"embed_tokens\."]
-
-
-def check_sites(config, model_path: str) -> None:
-    """Fail early when the decoder layers lack the layer norms we capture."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        probe = AutoModelForCausalLM.from_config(_one_layer(config))
-    layers = getattr(getattr(probe, "model", None), "layers", None)
-    layer = layers[0] if layers is not None else None
-    missing = [name for name in SITES.values() if not hasattr(layer, name)]
-    if missing:
-        where = type(layer).__name__ if layer is not None else f"{type(probe).__name__} (no model.layers)"
-        raise ModelLoadError(
-            f"{model_path}: decoder layers of {where} have no {missing}. "
-            f"Supported: decoders with model.layers[i].{{{', '.join(SITES.values())}}} "
-            "(Llama, Mistral, Mixtral, Qwen2/3(-MoE), OLMoE, GPT-OSS, DeepSeek-V3, ...). "
-            "To add an architecture, map its module names in actors/capture.py:SITES."
-        )
-
-
-def _one_layer(config):
-    import copy
-
-    small = copy.deepcopy(config)
-    small.num_hidden_layers = 1
-    if getattr(small, "layer_types", None):
-        small.layer_types = small.layer_types[:1]
-    return small
+    keys = [rf"(^|\.){family.layers}\.(?!({owned})\.)\d+\.", rf"(^|\.){family.norm}\.", rf"^{family.head}\."]
+    return keys if keep_embeddings else [*keys, rf"{family.embed}\."]
 
 
 def load_shard(spec: ShardSpec, device: str | torch.device = "cpu") -> nn.Module:
     """The CausalLM for `spec.layers` only, in eval mode on `device`."""
     config = load_config(spec.model_path)
-    n = config.num_hidden_layers
+    n = text_config(config).num_hidden_layers
     if spec.layers.start < 0 or spec.layers.stop > n or len(spec.layers) == 0:
         raise ModelLoadError(f"layers {spec.layers} outside the model's {n} layers")
-    cls = shard_class(causal_lm_class(config), spec.layers, keep_embeddings=spec.layers.start == 0)
-    kwargs = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
-    if spec.experts_implementation:
-        kwargs["experts_implementation"] = spec.experts_implementation
-    model, info = cls.from_pretrained(
-        spec.model_path, dtype=DTYPES[spec.dtype], output_loading_info=True, **kwargs
-    )
+    family = family_of(text_config(config).model_type)
+    cls = shard_class(causal_lm_class(config), family, spec.layers, keep_embeddings=spec.layers.start == 0)
+    model, info = cls.from_pretrained(spec.model_path, output_loading_info=True, **load_kwargs(
+        config, spec.dtype, spec.experts_implementation, spec.attn_implementation))
     if info["missing_keys"]:
         raise ModelLoadError(
             f"{spec.model_path}: checkpoint lacks {sorted(info['missing_keys'])[:5]} for layers "
             f"{spec.layers.start}-{spec.layers.stop - 1}; is it complete?"
         )
-    return own_memory(model.to(device)).eval()
+    model = own_memory(model.to(device)).eval()
+    embed = getattr(inner_model(model, family), family.embed)
+    if isinstance(embed, StandInEmbedding):
+        embed.dtype, embed.device = DTYPES[spec.dtype], torch.device(device)
+    return model
+
+
+def load_kwargs(config, dtype: str, experts_implementation: str | None = None,
+                attn_implementation: str | None = None) -> dict:
+    """from_pretrained's keyword arguments for a stage (and for the reference it must equal)."""
+    kwargs = {"dtype": DTYPES[dtype], **dequantize_kwargs(config)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    return kwargs
+
+
+def dequantize_kwargs(config) -> dict:
+    """`quantization_config` that loads a quantized release dequantized, or ModelLoadError."""
+    quantized = getattr(config, "quantization_config", None)
+    if not quantized:
+        return {}
+    method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized.quant_method
+    method = getattr(method, "value", method)
+    if method not in DEQUANTIZABLE:
+        raise ModelLoadError(
+            f"the checkpoint is quantized with {method!r}, which a stage cannot dequantize; outliers "
+            "are measured on the model's own weights: give the unquantized (bf16) release, or one "
+            f"quantized with {sorted(DEQUANTIZABLE)} (loaded dequantized)."
+        )
+    import transformers
+
+    return {"quantization_config": getattr(transformers, DEQUANTIZABLE[method])(dequantize=True)}
 
 
 def own_memory(model: nn.Module) -> nn.Module:
@@ -177,11 +250,16 @@ def own_memory(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_full(model_path: str, dtype: str = "float32", **kwargs) -> nn.Module:
+def load_full(model_path: str, dtype: str = "auto", **kwargs) -> nn.Module:
     """The whole model, exactly as a plain `from_pretrained` builds it (the reference)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype], **kwargs).eval()
+    config = load_config(model_path)
+    if dtype == "auto":
+        from actors.anatomy import checkpoint_dtype
+
+        dtype = checkpoint_dtype(model_path, config)
+    return AutoModelForCausalLM.from_pretrained(model_path, **{**load_kwargs(config, dtype), **kwargs}).eval()
 
 
 def checkpoint_dir(model_path: str) -> str:
@@ -203,38 +281,3 @@ def checkpoint_dir(model_path: str) -> str:
             f"the Hugging Face hub ({first_line(err)}). Without network access, download it "
             "elsewhere and pass the local checkpoint directory."
         ) from None
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def parameter_bytes(model_path: str, num_layers: int) -> tuple[list[int], int]:
-    """Bytes per decoder layer and of the embeddings, read from safetensors headers only."""
-    files = sorted(Path(model_path).glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(
-            f"{model_path} holds no *.safetensors files; re-save the checkpoint with "
-            "save_pretrained(safe_serialization=True)."
-        )
-    layers, embed = [0] * num_layers, 0
-    for name, size in (item for f in files for item in _tensor_sizes(f)):
-        parts = name.split(".")
-        if "layers" in parts:
-            index = int(parts[parts.index("layers") + 1])
-            if index < num_layers:  # e.g. DeepSeek's multi-token-prediction layers
-                layers[index] += size
-        elif "embed_tokens" in parts:
-            embed += size
-    return layers, embed
-
-
-def _tensor_sizes(path: Path):
-    import json
-    import math
-
-    with open(path, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    for name, meta in header.items():
-        if name != "__metadata__":
-            yield name, math.prod(meta["shape"]) * _DTYPE_BYTES.get(meta["dtype"], 4)

@@ -2,13 +2,12 @@
 
 `StageActor` is a plain class (Ray wraps it in `cluster/pipeline.py`): it loads its
 layers in `__init__` and exposes one verb, `forward(micro_batch)`, which runs the
-layers, hands the captured layer-norm outputs to a background writer and returns
-the micro-batch with its new hidden states for the next stage.
+layers, hands the captured block inputs to a background writer and returns the
+micro-batch with its new hidden states for the next stage.
 
-Each stage rebuilds what its layers need from the micro-batch alone: position ids,
-the 4-D attention mask (from the 2-D padding mask, which travels with the batch)
-and the rotary embeddings (the rotary module holds no weights). This reproduces
-the model's own forward bit for bit.
+The layers run inside the model's own forward (actors/layers.py), fed the micro-batch's
+token ids and 2-D padding mask: masks, positions and rotary embeddings are the model's
+own, so the results equal a single-process forward bit for bit.
 """
 
 from __future__ import annotations
@@ -21,7 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from actors import faults
-from actors.capture import Capture
+from actors.capture import Capture, CaptureError
+from actors.families import family_of
+from actors.layers import HandoffError, LayerSlice, inner_model, same_state
 from actors.metrics import StageMetrics
 from actors.shard import ShardSpec, load_shard
 from actors.writer import BackgroundWriter, MicroBatch, make_writer
@@ -61,37 +62,6 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def mask_kind(config, layer: int) -> str:
-    """Attention kind of one layer: per-layer `layer_types`, else the model-wide window."""
-    kinds = getattr(config, "layer_types", None)
-    if kinds:
-        return kinds[layer]
-    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
-
-
-def attention_masks(config, hidden, attention_mask, position_ids, kinds) -> dict:
-    """The 4-D masks the model itself would build, one per attention kind in use."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    build = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-    return {
-        kind: build[kind](
-            config=config, inputs_embeds=hidden, attention_mask=attention_mask,
-            cache=None, position_ids=position_ids,
-        )
-        for kind in set(kinds)
-    }
-
-
-def halves(batch: MicroBatch) -> list[MicroBatch]:
-    cut = len(batch.seqs) // 2
-    return [
-        MicroBatch(batch.index, batch.seqs[rows], batch.input_ids[rows], batch.attention_mask[rows],
-                   None if batch.hidden is None else batch.hidden[rows])
-        for rows in (slice(0, cut), slice(cut, None))
-    ]
-
-
 class StageActor:
     """Layers [a, b) of the model, capturing `ln_attn` and `ln_mlp` of each."""
 
@@ -106,10 +76,12 @@ class StageActor:
         self.device = pick_device(spec.device)
         self.model = load_shard(spec.shard, self.device)
         self.config = self.model.config
-        self.first = spec.shard.layers.start == 0
-        self.layers = {i: self.model.model.layers[i] for i in spec.shard.layers}
-        self.kinds = {i: mask_kind(self.config, i) for i in self.layers}
-        self.capture = Capture(self.layers)
+        family = family_of(self.config.model_type)
+        decoder = getattr(inner_model(self.model, family), family.layers)
+        self.slice = LayerSlice(self.model, family, spec.shard.layers, len(decoder))
+        self.embed = getattr(inner_model(self.model, family), family.embed)
+        self.capture = Capture({i: decoder[i] for i in spec.shard.layers}, family, self.config.model_type)
+        self.unchecked = not self.slice.first  # the hand-off is checked on the first micro-batch
         self.warm_up()
         writer = make_writer(spec.output, spec.storage, spec.floor)
         self.writer = BackgroundWriter(writer, depth=spec.write_depth)
@@ -119,7 +91,11 @@ class StageActor:
         self.metrics = StageMetrics(spec.name)
 
     def warm_up(self) -> None:
-        """One forward of a micro-batch's shape, captured and dropped, before any real one.
+        """One forward of a micro-batch's shape before any real one.
+
+        Past stage 0 it runs on what the model's forward brings layer a from stand-in
+        embeddings of noise; families whose layers carry more than the hidden states need
+        an earlier stage's state and are not warmed up.
 
         NOTE: on the CPU, oneDNN JIT-compiles a matmul kernel for each new shape (~1.7 ms on the
         bench machine), and each micro-batch gives each expert a new row count: the first
@@ -127,43 +103,78 @@ class StageActor:
         attention shapes and some expert ones; sweeping every row count would cost more than
         it saves on short runs and is amortised on long ones (bench/RESULTS.md).
         """
+        if not self.slice.first and len(self.slice.carries) > 1:
+            return
         batch, seq = self.spec.warm_up
         ids = warm_up_ids(self.config.vocab_size, batch, seq)
-        gen = torch.Generator().manual_seed(1)
-        hidden = None if self.first else torch.randn(
-            batch, seq, self.config.hidden_size, generator=gen).to(self.model.dtype)
-        self.run_layers(MicroBatch(-1, list(range(batch)), ids, torch.ones_like(ids), hidden))
-        self.capture.pop()
+        self.embed.fill = "noise"
+        try:
+            self.run_layers(MicroBatch(-1, list(range(batch)), ids, torch.ones_like(ids)))
+        except Exception as err:
+            if self.slice.first or isinstance(err, (HandoffError, CaptureError)):
+                raise
+            raise HandoffError(
+                f"model_type={self.config.model_type!r}: layers {self.spec.shard.layers.start}-"
+                f"{self.spec.shard.layers.stop - 1} could not run on the hidden states alone ({err}); "
+                "its layers may pass more to each other: set `carries` for the family in actors/families.py."
+            ) from None
+        finally:
+            self.embed.fill = "zeros"
+        self.check_arity()
 
-    @torch.inference_mode()
-    def run_layers(self, batch: MicroBatch) -> torch.Tensor:
-        """Hidden states after this stage's layers # [batch, seq, hidden]."""
+    def check_handoff(self, batch: MicroBatch, state, captured: dict) -> None:
+        """Past stage 0, once: the first micro-batch run again over stand-in embeddings of noise
+        must give the same results, or the family's layers read something the hand-off does
+        not carry (values the model derives from the embeddings before its first layer)."""
+        self.embed.fill = "noise"
+        try:
+            again, recaptured = self.run_layers(batch)
+        finally:
+            self.embed.fill = "zeros"
+        if not same_state(state, again) or any(
+                not same_state((captured[k],), (recaptured[k],)) for k in captured):
+            raise HandoffError(
+                f"model_type={self.config.model_type!r}: its decoder layers read more than the state "
+                "one layer passes to the next (something the model derives from the embeddings "
+                "before its first layer), so its layers cannot be split; use pipeline.num_stages=1."
+            )
+        self.check_arity()
+
+    def check_arity(self) -> None:
+        """Refuse a family whose layers return another number of values than it carries."""
+        if self.slice.arities != {self.slice.arity}:
+            raise HandoffError(
+                f"model_type={self.config.model_type!r}: its decoder layers return "
+                f"{sorted(self.slice.arities)} values, but actors/families.py says {self.slice.arity}; "
+                "set `carries` (and `returns`) for the family there."
+            )
+
+    @torch.no_grad()
+    def run_layers(self, batch: MicroBatch) -> tuple[tuple | None, dict]:
+        """The state after this stage's layers (None on the last stage) and the captures."""
         ids = batch.input_ids.to(self.device)
         mask = batch.attention_mask.to(self.device)
-        if self.first:
-            hidden = self.model.model.embed_tokens(ids)
-        else:
-            hidden = batch.hidden.to(self.device)
-        position_ids = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)  # [1, seq]
-        masks = attention_masks(self.config, hidden, mask, position_ids, self.kinds.values())
-        rotary = self.model.model.rotary_emb(hidden, position_ids=position_ids)
-        for index, layer in self.layers.items():
-            hidden = layer(
-                hidden, attention_mask=masks[self.kinds[index]],
-                position_ids=position_ids, position_embeddings=rotary,
-            )
-            if isinstance(hidden, tuple):  # older layer classes return (hidden, ...)
-                hidden = hidden[0]
-        return hidden
+        incoming = None if batch.hidden is None else tuple(
+            None if t is None else t.to(self.device) for t in batch.hidden)
+        try:
+            onward = self.slice.run(ids, mask, incoming)
+        except BaseException:
+            self.capture.clear()
+            raise
+        # NOTE: some blocks take their input flattened to [batch * seq, hidden].
+        return onward, {key: value.reshape(*ids.shape, -1) for key, value in self.capture.pop().items()}
 
     def forward(self, batch: MicroBatch) -> tuple[MicroBatch, list[int]]:
         """Run one micro-batch; returns it for the next stage, and micro-batches now committed."""
         started = time.perf_counter()
         faults.before_batch(self.spec.index, batch.index)
-        hidden, captured = self.run_split(batch)
+        state, captured = self.run_split(batch)
+        if self.unchecked:
+            self.check_handoff(batch, state, captured)
+            self.unchecked = False
         self.writer.submit(batch, captured)
-        # NOTE: the one device-to-host copy of the hidden states; the last stage skips it.
-        onward = None if self.spec.last else hidden.cpu()
+        # NOTE: the one device-to-host copy of the hidden states; the last stage has none.
+        onward = None if state is None else tuple(None if t is None else t.cpu() for t in state)
         out = MicroBatch(batch.index, batch.seqs, batch.input_ids, batch.attention_mask, onward)
         tokens, busy_s = int(batch.attention_mask.sum()), time.perf_counter() - started
         self.busy_s += busy_s
@@ -172,7 +183,7 @@ class StageActor:
         self._observe(tokens, busy_s, written)
         return out, written
 
-    def run_split(self, batch: MicroBatch) -> tuple[torch.Tensor, dict]:
+    def run_split(self, batch: MicroBatch) -> tuple[tuple | None, dict]:
         """`run_layers` and its captures; on out-of-memory, the two halves one after the other.
 
         Rows of a batch do not interact: the values are those of the halves run as
@@ -180,19 +191,18 @@ class StageActor:
         """
         try:
             faults.before_layers(self.spec.index, len(batch.seqs))
-            hidden = self.run_layers(batch)
-            return hidden, self.capture.pop()
+            return self.run_layers(batch)
         except torch.OutOfMemoryError:
-            self.capture.pop()
             if len(batch.seqs) == 1:
                 raise
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             print(f"stage-{self.spec.index}: out of memory on micro-batch {batch.index} "
                   f"({len(batch.seqs)} sequences); running it in halves", flush=True)
-            parts = [self.run_split(half) for half in halves(batch)]
+            cut = len(batch.seqs) // 2
+            parts = [self.run_split(batch.rows(rows)) for rows in (slice(0, cut), slice(cut, None))]
             captured = {key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1]}
-            return torch.cat([p[0] for p in parts]), captured
+            return join_states([p[0] for p in parts]), captured
 
     def flush(self) -> list[int]:
         """Block until every submitted micro-batch is written; returns those not yet reported."""
@@ -222,6 +232,13 @@ class StageActor:
 
     def stats(self) -> dict:
         return {"busy_s": self.busy_s, "tokens": self.tokens, "bytes_written": self.writer.writer.bytes_written}
+
+
+def join_states(states: list[tuple | None]) -> tuple | None:
+    """The states of consecutive row ranges as one, row-wise (None stays None)."""
+    if states[0] is None:
+        return None
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*states))
 
 
 def _ray_node_id() -> str | None:

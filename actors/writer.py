@@ -32,13 +32,15 @@ from actors import storage
 
 @dataclass
 class MicroBatch:
-    """What travels from stage to stage: token metadata plus the hidden states."""
+    """What travels from stage to stage: token metadata plus the state between layers."""
 
     index: int                   # micro-batch number, the unit of commit
     seqs: list[int]              # global sequence index of each row
     input_ids: torch.Tensor      # [batch, seq]
     attention_mask: torch.Tensor  # [batch, seq] 1 = token, 0 = padding
-    hidden: torch.Tensor | None = None  # [batch, seq, hidden]; None before stage 0
+    # What one decoder layer passes to the next: the hidden states # [batch, seq, hidden],
+    # and whatever else the family passes (actors/layers.py); None before stage 0.
+    hidden: tuple[torch.Tensor | None, ...] | None = None
 
     # NOTE: Ray pickles a torch tensor by copying its bytes into the pickle stream; a numpy
     # array goes out of band, straight into the object store and back without a copy. The
@@ -47,13 +49,18 @@ class MicroBatch:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         if self.hidden is not None:
-            state["hidden"] = to_wire(self.hidden)
+            state["hidden"] = tuple(None if t is None else to_wire(t) for t in self.hidden)
         return state
 
     def __setstate__(self, state: dict) -> None:
         if state.get("hidden") is not None:
-            state["hidden"] = from_wire(*state["hidden"])
+            state["hidden"] = tuple(None if t is None else from_wire(*t) for t in state["hidden"])
         self.__dict__.update(state)
+
+    def rows(self, rows: slice) -> "MicroBatch":
+        """The micro-batch of some of its sequences."""
+        hidden = None if self.hidden is None else tuple(None if t is None else t[rows] for t in self.hidden)
+        return MicroBatch(self.index, self.seqs[rows], self.input_ids[rows], self.attention_mask[rows], hidden)
 
 
 def to_wire(tensor: torch.Tensor) -> tuple[np.ndarray, str, tuple[int, ...]]:

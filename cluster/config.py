@@ -30,8 +30,8 @@ class ModelConfig:
     """Hugging Face id or local checkpoint directory. Leave empty to build `tiny`."""
     tiny: TinySpec | None = None
     """Build (once, cached) a small random-init checkpoint with planted outliers."""
-    dtype: str = "bfloat16"
-    """Weights and activations dtype: float32, bfloat16 or float16."""
+    dtype: str = "auto"
+    """Weights and activations dtype: auto (the checkpoint's own), float32, bfloat16 or float16."""
     experts_implementation: str | None = None
     """MoE expert kernel; empty keeps what from_pretrained picks (grouped_mm)."""
     attn_implementation: str | None = None
@@ -40,7 +40,7 @@ class ModelConfig:
     """Where built tiny checkpoints are kept."""
 
     def __post_init__(self):
-        _choice("model.dtype", self.dtype, ["float32", "bfloat16", "float16"])
+        _choice("model.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
         if (self.path is None) == (self.tiny is None):
             raise ConfigError(
                 "model: give exactly one of model.path (HF id or checkpoint dir) and model.tiny "

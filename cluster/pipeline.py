@@ -38,6 +38,31 @@ def start_stages(specs: list[StageSpec], group, bundles: list[dict], max_restart
     ]
 
 
+class StageStartError(RuntimeError):
+    """A stage could not load its shard; the message is the stage's own one-line reason."""
+
+
+def loaded(stages: list, specs: list[StageSpec]) -> list[dict]:
+    """Each stage's `info()` once it has loaded; StageStartError naming the first that failed."""
+    import ray
+
+    infos = []
+    for stage, spec in zip(stages, specs):
+        try:
+            infos.append(ray.get(stage.info.remote()))
+        except ray.exceptions.ActorDiedError as err:
+            if not getattr(err, "actor_init_failed", False):
+                raise
+            raise StageStartError(f"{spec.name} could not start: {init_error(err)}") from None
+    return infos
+
+
+def init_error(err) -> str:
+    """The exception line ('Type: message') an actor's failed `__init__` ended with."""
+    lines = [line.strip() for line in (getattr(err, "error_msg", "") or str(err)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
 @dataclass
 class Commits:
     """Which micro-batches every stage has fully written: those are committed."""

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from actors import storage
-from actors.shard import ShardSpec, check_sites, checkpoint_dir, load_config, parameter_bytes
+from actors.anatomy import Anatomy, anatomy
+from actors.shard import ShardSpec, checkpoint_dir, load_config, text_config
 from actors.stage import StageSpec
 from actors.writer import MicroBatch
 from cluster import placement
@@ -35,6 +36,7 @@ class Prepared:
 
     model_path: str
     model_config: object
+    anatomy: Anatomy
     tokens: torch.Tensor        # [num_sequences, seq_len]
     stages: list[range]
     stage_bytes: list[int]
@@ -51,8 +53,8 @@ def prepare(config: RunConfig) -> Prepared:
     """Resolve the checkpoint, tokenize the data and plan the stages."""
     path = model_path(config)
     model_config = load_config(path)
-    check_sites(model_config, path)
-    limit = getattr(model_config, "max_position_embeddings", None)
+    body = anatomy(path, model_config, config.model.dtype, config.model.experts_implementation)
+    limit = getattr(text_config(model_config), "max_position_embeddings", None)
     if limit and config.data.seq_len > limit:
         raise PlanError(
             f"data.seq_len={config.data.seq_len} exceeds the model's max_position_embeddings={limit}. "
@@ -69,9 +71,10 @@ def prepare(config: RunConfig) -> Prepared:
         tokenizer, texts, config.data.num_sequences, config.data.seq_len,
         source=f"data.source={config.data.source!r}",
     )
-    layer_bytes, embed_bytes = parameter_bytes(path, model_config.num_hidden_layers)
-    stages = plan_stages(layer_bytes, config.pipeline.num_stages, embed_bytes)
-    return Prepared(path, model_config, tokens, stages, stage_bytes(stages, layer_bytes, embed_bytes))
+    layer_bytes = list(body.layer_bytes)
+    stages = plan_stages(layer_bytes, config.pipeline.num_stages, body.embed_bytes)
+    return Prepared(path, model_config, body, tokens, stages,
+                    stage_bytes(stages, layer_bytes, body.embed_bytes, body.shared_bytes))
 
 
 def stage_specs(config: RunConfig, prepared: Prepared, output: str) -> list[StageSpec]:
@@ -80,7 +83,7 @@ def stage_specs(config: RunConfig, prepared: Prepared, output: str) -> list[Stag
         StageSpec(
             index=index,
             shard=ShardSpec(
-                prepared.model_path, layers, config.model.dtype,
+                prepared.model_path, layers, prepared.anatomy.dtype,
                 config.model.experts_implementation, config.model.attn_implementation,
             ),
             output=output,
@@ -140,15 +143,20 @@ class Ledger:
 def new_record(config: RunConfig, prepared: Prepared) -> dict:
     mc = prepared.model_config
     batches = plan_micro_batches(config.data.num_sequences, config.pipeline.micro_batch_size)
+    from datetime import datetime, timezone
+
     return {
         "status": "running",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config.to_dict(),
         "output": storage.absolute(config.storage.output),  # jobs run in a temporary working dir
         "model_path": prepared.model_path,
         "model_type": mc.model_type,
-        "num_layers": mc.num_hidden_layers,
-        "hidden_size": mc.hidden_size,
-        "dtype": config.model.dtype,
+        "family": prepared.anatomy.family,
+        "num_layers": prepared.anatomy.num_layers,
+        "hidden_size": prepared.anatomy.hidden_size,
+        "dtype": prepared.anatomy.dtype,
+        "quantization": prepared.anatomy.quantization,
         "storage_mode": config.storage.mode,
         "floor": config.storage.floor if config.storage.mode == "exceedances" else None,
         "seq_len": config.data.seq_len,
@@ -231,7 +239,7 @@ def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, log) -> None:
     """Place the stages, load them and run every uncommitted micro-batch through them."""
     import ray
 
-    from cluster.pipeline import StageLost, drive, start_stages
+    from cluster.pipeline import StageLost, StageStartError, drive, loaded, start_stages
 
     timings = ledger.record["timings"]
     mark = time.perf_counter()
@@ -242,7 +250,7 @@ def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, log) -> None:
     try:
         mark = time.perf_counter()
         stages = start_stages(specs, group, bundles)
-        record_placement(ledger, ray.get([s.info.remote() for s in stages]), specs)
+        record_placement(ledger, loaded(stages, specs), specs)
         timings["load_s"] = time.perf_counter() - mark
         strategy = ledger.record["placement"]["strategy"]
         log(placement.describe_placement(ledger.record["plan"], strategy))
@@ -256,7 +264,7 @@ def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, log) -> None:
         # Stages restarted after a fault may now live elsewhere: record where they ended.
         record_placement(ledger, ray.get([s.info.remote() for s in stages]), specs)
         ledger.record["stage_stats"] = ray.get([s.stats.remote() for s in stages])
-    except StageLost as err:
+    except (StageLost, StageStartError) as err:
         ledger.record["status"] = "stopped"
         ledger.save()
         raise RunError(str(err)) from None

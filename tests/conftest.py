@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from actors.capture import Capture
+from actors.families import SITES, family_of
+from actors.layers import inner_model
 from actors.shard import load_full
 from cluster.tiny_model import Plant, TinySpec, build_tiny
 
@@ -40,6 +41,26 @@ def planted_checkpoint(tiny_checkpoint):
         Plant(dim=9, layers=tuple(range(6)), scale=1.5),
     )
     return tiny_checkpoint(plants=plants)
+
+
+@pytest.fixture
+def ray_cluster():
+    """The suite's shared local cluster (4 CPUs): started at first use, kept until the session
+    ends. Modules that need a cluster of their own take it with `own_ray`."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    return ray
+
+
+def own_ray(**kwargs) -> None:
+    """Start a cluster with `kwargs` for one module, stopping the shared one first."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(**kwargs)
 
 
 def free_port() -> int:
@@ -86,19 +107,56 @@ def token_batch(seed: int, batch: int, seq: int, vocab: int = 512, pad_last: int
 def reference_activations(model_path: str, dtype: str, ids, mask, micro_batch: int) -> dict:
     """{(layer, site): float32 numpy # [batch, seq, hidden]} from a plain from_pretrained forward.
 
+    What is kept is what the first weight-holding module inside each role's block reads
+    (q/k/v or the linear-attention projection; the router, or the dense MLP's first
+    projection), found by hooks on every submodule: a definition of the sites that does
+    not go through actors/capture.py.
+
     NOTE: the forward runs on the same micro-batches as the pipeline. MoE expert kernels
     (grouped_mm, eager) round differently with the number of tokens an expert gets, so a
     token's last bits depend on which tokens share its batch; batched_mm does not.
     """
     model = load_full(model_path, dtype)
-    capture = Capture(dict(enumerate(model.model.layers)))
+    reader = FirstReader(model)
     parts = []
     with torch.inference_mode():
         for start in range(0, len(ids), micro_batch):
             rows = slice(start, start + micro_batch)
             model(input_ids=ids[rows], attention_mask=mask[rows])
-            parts.append(capture.pop())
+            # NOTE: MoE blocks flatten tokens before their router: [batch * seq, hidden].
+            parts.append({k: v.reshape(*ids[rows].shape, -1) for k, v in reader.pop().items()})
+    reader.remove()
     return {key: torch.cat([p[key] for p in parts]).float().numpy() for key in parts[0]}
+
+
+class FirstReader:
+    """Per (layer, site): the input of the first module with parameters that runs inside the block."""
+
+    def __init__(self, model):
+        family = family_of(model.config.model_type)
+        layers = getattr(inner_model(model, family), family.layers)
+        self.taken: dict = {}
+        self.handles = []
+        for index, layer in enumerate(layers):
+            for site, role in SITES.items():
+                block = family.role_module(layer, role)
+                for module in block.modules():
+                    if next(module.parameters(recurse=False), None) is not None:
+                        self.handles.append(module.register_forward_pre_hook(self.keep((index, site)), with_kwargs=True))
+
+    def keep(self, key):
+        def hook(_module, args, kwargs):
+            value = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            self.taken.setdefault(key, value.detach().clone())
+        return hook
+
+    def pop(self) -> dict:
+        taken, self.taken = self.taken, {}
+        return taken
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 def read_site(run_dir, layer: int, site: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

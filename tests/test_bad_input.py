@@ -18,15 +18,6 @@ from cluster.config import ConfigError, load_config
 DEFAULT = str(Path(__file__).resolve().parent.parent / "configs" / "tiny_moe.yaml")
 
 
-@pytest.fixture(scope="module")
-def ray_two_cpus():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def fails_with(capsys, args: list[str], message: str) -> str:
     capsys.readouterr()  # drop what earlier steps printed
     assert main(["run", DEFAULT, *args]) == 2
@@ -60,26 +51,28 @@ def test_empty_and_too_short_datasets(capsys, tmp_path):
                "missing.jsonl")
 
 
-def test_layers_without_layer_norms_are_refused(capsys, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_a_decoder_whose_blocks_the_table_cannot_map_is_refused(capsys, tmp_path):
+    from transformers import XGLMConfig, XGLMForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    fails_with(capsys, ["--model", str(tmp_path / "gpt2"), "--output", str(tmp_path / "run")],
-               "Supported: decoders with model.layers[i].{input_layernorm, post_attention_layernorm}")
+    config = XGLMConfig(num_layers=2, d_model=32, attention_heads=2, ffn_dim=32, vocab_size=64)
+    XGLMForCausalLM(config).save_pretrained(tmp_path / "xglm")
+    err = fails_with(capsys, ["--model", str(tmp_path / "xglm"), "--output", str(tmp_path / "run")],
+                     "model_type='xglm': decoder layer 0 (XGLMDecoderLayer) has no module for ln_mlp")
+    assert "actors/families.py:FAMILIES" in err and err.count("\n") == 1
 
 
-def test_more_stages_than_the_cluster_holds(capsys, tmp_path, ray_two_cpus):
-    fails_with(capsys, ["--stages", "3", "--output", str(tmp_path / "a")],
-               "pipeline.num_stages=3 needs 3 CPU but the cluster has 0 GPUs (CPU: 2")
+def test_more_stages_than_the_cluster_holds(capsys, tmp_path, ray_cluster):
+    fails_with(capsys, ["--stages", "5", "--output", str(tmp_path / "a")],
+               "pipeline.num_stages=5 needs 5 CPU but the cluster has 0 GPUs (CPU: 4")
     fails_with(capsys, ["--set", "pipeline.device=cuda", "--output", str(tmp_path / "b")],
                "pipeline.device=cuda but the cluster has 0 GPUs")
 
 
-def test_busy_cluster_times_out_instead_of_hanging(capsys, tmp_path, ray_two_cpus):
+def test_busy_cluster_times_out_instead_of_hanging(capsys, tmp_path, ray_cluster):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    hog = placement_group([{"CPU": 1}])
+    hog = placement_group([{"CPU": 3}])
     ray.get(hog.ready())
     try:
         fails_with(capsys, ["--set", "pipeline.placement_timeout_s=3", "--output", str(tmp_path / "run")],

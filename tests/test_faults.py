@@ -16,13 +16,13 @@ import pytest
 import yaml
 
 from actors import faults
-from actors.capture import SITES
+from actors.families import SITES
 from actors.shard import ShardSpec
 from actors.stage import StageActor, StageSpec
 from actors.writer import MicroBatch
 from cluster.config import load_config
 from cluster.run import execute
-from tests.conftest import fault_config, token_batch
+from tests.conftest import fault_config, own_ray, token_batch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,8 +38,8 @@ def faults_file(tmp_path_factory):
 def ray_cluster(faults_file):
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {faults.ENV: str(faults_file)}})
+    own_ray(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
+            runtime_env={"env_vars": {faults.ENV: str(faults_file)}})
     yield
     ray.shutdown()
 

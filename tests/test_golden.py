@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.capture import SITES
+from actors.families import SITES
 from actors.shard import ShardSpec
 from actors.stage import StageActor, StageSpec
 from tests.conftest import read_site, reference_activations, run_stages, token_batch
@@ -57,12 +57,12 @@ def test_bf16_encoding_is_float16_when_exact_else_float32(tiny_checkpoint, tmp_p
     assert meta[b"model_dtype"] == b"bfloat16" and meta[b"encoding"] in (b"float16", b"float32")
 
 
-def test_stage_uses_the_expert_kernel_of_from_pretrained(tiny_checkpoint):
+def test_stage_uses_the_expert_kernel_of_from_pretrained(tiny_checkpoint, tmp_path):
     from actors.shard import load_full
 
     path = tiny_checkpoint("qwen3_moe")
     plain = load_full(path, "float32").config._experts_implementation
-    stage = StageActor(StageSpec(0, ShardSpec(path, range(0, 3)), "/tmp/unused"))
+    stage = StageActor(StageSpec(0, ShardSpec(path, range(0, 3)), str(tmp_path)))
     assert stage.config._experts_implementation == plain == "grouped_mm"
 
 
@@ -77,16 +77,50 @@ def test_hidden_states_cross_between_stages_out_of_band_and_exact(dtype):
     hidden = torch.randn(2, 9, 16).to(getattr(torch, dtype))[:, ::2]  # [batch, seq, hidden], strided
     hidden[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -0.0])
     ids = torch.arange(10).reshape(2, 5)
-    batch = MicroBatch(4, [7, 8], ids, torch.ones_like(ids), hidden)
+    router = torch.arange(6).reshape(2, 3)  # a second tensor a family may pass between layers
+    batch = MicroBatch(4, [7, 8], ids, torch.ones_like(ids), (hidden, None, router))
     buffers = []
     data = pickle.dumps(batch, protocol=5, buffer_callback=buffers.append)
     # As Ray does: the hidden states leave the pickle stream, to be read back read-only.
-    assert [b.raw().nbytes for b in buffers] == [hidden.numel() * hidden.element_size()]
+    assert [b.raw().nbytes for b in buffers] == [hidden.numel() * hidden.element_size(), router.numel() * 8]
     store = [bytes(b.raw()) for b in buffers]  # the object store's copy, read-only to readers
     back = pickle.loads(data, buffers=[memoryview(b) for b in store])
-    assert back.hidden.dtype == hidden.dtype and back.hidden.shape == hidden.shape
-    same = back.hidden.contiguous().view(torch.uint8).equal(hidden.contiguous().view(torch.uint8))
-    assert same, "hidden states changed in transit"
-    back.hidden.add_(1)  # a stage may write to what it received, never into the store
-    assert store == [hidden.contiguous().view(torch.uint8).numpy().tobytes()]
+    got, none, got_router = back.hidden
+    assert got.dtype == hidden.dtype and got.shape == hidden.shape and none is None
+    same = got.contiguous().view(torch.uint8).equal(hidden.contiguous().view(torch.uint8))
+    assert same and got_router.equal(router), "hidden states changed in transit"
+    got.add_(1)  # a stage may write to what it received, never into the store
+    assert store[0] == hidden.contiguous().view(torch.uint8).numpy().tobytes()
     assert (back.index, back.seqs) == (4, [7, 8]) and back.input_ids.equal(ids)
+
+
+def test_dtype_auto_runs_a_checkpoint_in_its_own_dtype(tiny_checkpoint, tmp_path):
+    import pyarrow.parquet as pq
+    import torch
+
+    from cluster.config import load_config
+    from cluster.run import micro_batches, new_record, prepare, stage_specs
+
+    path = tiny_checkpoint("qwen3_moe", dtype="bfloat16")
+    settings = {"model": {"path": path}, "data": {"num_sequences": 2, "seq_len": 16},
+                "pipeline": {"num_stages": 2, "micro_batch_size": 2}, "storage": {"output": str(tmp_path)}}
+    config = load_config(settings)
+    assert config.model.dtype == "auto"
+    prepared = prepare(config)
+    assert prepared.anatomy.dtype == "bfloat16" and new_record(config, prepared)["dtype"] == "bfloat16"
+    stages = [StageActor(spec) for spec in stage_specs(config, prepared, str(tmp_path))]
+    for batch in micro_batches(prepared.tokens, 2, skip=set()):
+        for stage in stages:
+            batch, _ = stage.forward(batch)
+    for stage in stages:
+        stage.flush()
+    expected = reference_activations(path, "auto", prepared.tokens, torch.ones_like(prepared.tokens), 2)
+    for layer in range(6):
+        for site in SITES:
+            _, _, act = read_site(tmp_path, layer, site)
+            assert np.array_equal(act, expected[(layer, site)].reshape(act.shape)), (layer, site)
+    meta = pq.read_schema(next((tmp_path / "activations").rglob("*.parquet"))).metadata
+    assert meta[b"model_dtype"] == b"bfloat16"
+    # An explicit dtype still wins over the checkpoint's.
+    override = prepare(load_config({**settings, "model": {"path": path, "dtype": "float32"}}))
+    assert override.anatomy.dtype == "float32"

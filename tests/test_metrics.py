@@ -21,7 +21,7 @@ from cluster.config import load_config
 from cluster.progress import Progress, duration
 from cluster.run import execute
 from tests.test_run import run_config
-from tests.conftest import free_port
+from tests.conftest import free_port, own_ray
 
 NAMES = ("tokens_total", "micro_batches_total", "bytes_written_total", "busy_seconds_total",
          "write_queue_depth")
@@ -34,8 +34,8 @@ def metrics_head():
     import ray
 
     port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", _metrics_export_port=port,
-             _system_config={"metrics_report_interval_ms": 1000})
+    own_ray(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR", _metrics_export_port=port,
+            _system_config={"metrics_report_interval_ms": 1000})
     yield f"http://127.0.0.1:{port}/metrics"
     ray.shutdown()
 

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from actors.capture import SITES
+from actors.families import SITES
 from cluster.config import load_config
 from cluster.run import execute
 from tests.conftest import read_site
@@ -25,6 +25,8 @@ def three_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
+    if ray.is_initialized():
+        ray.shutdown()  # the suite's shared cluster: this module needs its own nodes
     cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
     for _ in range(2):
         cluster.add_node(**NODE)

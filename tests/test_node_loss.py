@@ -31,6 +31,8 @@ def cluster(tmp_path):
     slow = tmp_path / "slow.json"
     slow.write_text(json.dumps([{"kind": "delay", "stage": 0, "seconds": 0.3}]))
     os.environ[faults.ENV] = str(slow)  # inherited by the raylets started below
+    if ray.is_initialized():
+        ray.shutdown()  # the suite's shared cluster: this module needs its own nodes
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False})
     workers = [cluster.add_node(**NODE) for _ in range(3)]

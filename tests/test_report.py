@@ -154,14 +154,6 @@ def test_cli_corrupt_file_named_or_skipped_with_allow_partial(run):
     assert json.loads((path / "analysis/summary.json").read_text())["skipped_files"] == [str(bad)]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def test_ray_actors_give_the_brute_force_summary(ray_cluster, tmp_path):
     acts, mask = planted_activations()
     path = write_run(tmp_path / "run", acts, mask)

@@ -7,19 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from actors.capture import SITES
+from actors.families import SITES
 from cluster.config import load_config
 from cluster.run import RunError, execute
 from tests.conftest import read_site, reference_activations
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 def run_config(path: str, output, **sections) -> dict:

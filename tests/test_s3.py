@@ -22,7 +22,7 @@ import pytest
 from cluster.config import load_config
 from cluster.run import execute
 from tests.test_run import run_config
-from tests.conftest import free_port
+from tests.conftest import free_port, own_ray
 
 REPO = Path(__file__).resolve().parent.parent
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
@@ -65,7 +65,7 @@ def _wait_for(port: int, timeout_s: float = 30) -> None:
 def ray_cluster(s3):
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    own_ray(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 

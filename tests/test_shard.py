@@ -8,13 +8,34 @@ import sys
 
 import pytest
 
-from actors.shard import ModelLoadError, ShardSpec, check_sites, load_config, load_shard, parameter_bytes
+from actors.anatomy import anatomy
+from actors.shard import ModelLoadError, ShardSpec, load_config, load_shard
 from cluster.tiny_model import TinySpec, build_tiny
+
+
+def parameter_bytes(path: str) -> tuple[list[int], int]:
+    """Bytes per layer and of the embeddings, from the checkpoint's safetensors headers."""
+    from safetensors import safe_open
+
+    layers, embed = {}, 0
+    with safe_open(f"{path}/model.safetensors", "pt") as f:
+        for name in f.keys():
+            size = f.get_slice(name).get_shape()
+            nbytes = 4 * (1 if not size else __import__("math").prod(size))
+            parts = name.split(".")
+            if "layers" in parts:
+                index = int(parts[parts.index("layers") + 1])
+                layers[index] = layers.get(index, 0) + nbytes
+            elif "embed_tokens" in parts:
+                embed += nbytes
+    return [layers[i] for i in sorted(layers)], embed
 
 
 def test_stage_holds_only_its_layers(tiny_checkpoint):
     path = tiny_checkpoint("qwen3_moe")
-    layer_bytes, embed_bytes = parameter_bytes(path, 6)
+    layer_bytes, embed_bytes = parameter_bytes(path)
+    body = anatomy(path, load_config(path))
+    assert (list(body.layer_bytes), body.embed_bytes) == (layer_bytes, embed_bytes)
     for layers in (range(0, 2), range(2, 4), range(4, 6)):
         model = load_shard(ShardSpec(path, layers))
         names = [name for name, _ in model.named_parameters()]
@@ -65,7 +86,7 @@ def test_loading_a_shard_peaks_well_under_the_whole_checkpoint(model_cache):
     # ~820 MB float32 checkpoint of 16 layers (~51 MB each); the shard is 2 layers.
     path = build_tiny(TinySpec(num_layers=16, hidden_size=512, num_experts=16, expert_size=512,
                                num_heads=8, num_kv_heads=4, vocab_size=1024), model_cache)
-    layer_bytes, embed_bytes = parameter_bytes(path, 16)
+    layer_bytes, embed_bytes = parameter_bytes(path)
     checkpoint = (sum(layer_bytes) + embed_bytes) / 2**20
     shard_weights = (layer_bytes[14] + layer_bytes[15]) / 2**20
     shard = peak_above_baseline(path, "shard")
@@ -81,8 +102,33 @@ def test_a_missing_checkpoint_says_how_to_fix_it(tmp_path):
         load_config(str(tmp_path / "nope"))
 
 
-def test_layers_without_the_captured_norms_are_refused(tiny_checkpoint):
+def test_a_decoder_the_table_cannot_map_is_refused_in_one_line(tmp_path):
     from transformers import GPT2Config
 
-    with pytest.raises(ModelLoadError, match=r"have no \['input_layernorm', 'post_attention_layernorm'\].*actors/capture.py"):
-        check_sites(GPT2Config(n_layer=1, n_embd=32, n_head=2), "gpt2-like")
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2)
+    with pytest.raises(ModelLoadError, match=r"'gpt2'.*GPT2LMHeadModel has no model.layers.*actors/families.py"):
+        anatomy(str(tmp_path), config, "float32")
+
+
+def test_plans_balance_the_real_bytes_of_mixed_layers_and_tied_embeddings(model_cache):
+    from cluster.plan import plan_stages, stage_bytes
+
+    # DeepSeek-V3 with three dense layers before three MoE layers: the dense ones are lighter.
+    path = build_tiny(TinySpec(arch="deepseek_v3", num_layers=6, hidden_size=64, num_experts=8, expert_size=32,
+                               config={"first_k_dense_replace": 3, "intermediate_size": 32}), model_cache)
+    body = anatomy(path, load_config(path))
+    dense, moe = body.layer_bytes[:3], body.layer_bytes[3:]
+    assert len(set(dense)) == 1 and len(set(moe)) == 1 and moe[0] > 2 * dense[0]
+    stages = plan_stages(list(body.layer_bytes), 2, body.embed_bytes)
+    assert len(stages[0]) > len(stages[1])  # more of the light layers share a stage
+    for layers, want in zip(stages, stage_bytes(stages, list(body.layer_bytes), body.embed_bytes, body.shared_bytes)):
+        model = load_shard(ShardSpec(path, layers))
+        assert sum(p.numel() * p.element_size() for p in model.parameters()) == want
+
+    # Tied embeddings: held once, by stage 0; the LM head is nobody's.
+    tied = build_tiny(TinySpec(arch="qwen3", num_layers=4, hidden_size=64, config={"tie_word_embeddings": True}),
+                      model_cache)
+    body = anatomy(tied, load_config(tied))
+    assert body.embed_bytes == 1024 * 64 * 4 and body.shared_bytes == 0  # vocab x hidden x fp32
+    last = load_shard(ShardSpec(tied, range(2, 4)))
+    assert sum(p.numel() for p in last.parameters()) * 4 == sum(body.layer_bytes[2:])

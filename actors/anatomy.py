@@ -1,0 +1,163 @@
+"""What a checkpoint is made of, read without loading its weights.
+
+Before the cluster starts, the driver builds the model on the meta device (no memory,
+no weights) and learns from it everything a plan needs: the family and the module that
+plays each role in every layer (refusing, in one line, what cannot be captured), the
+bytes each layer and the embeddings will take once loaded (dense and MoE layers mixed,
+shared experts, dequantized releases), and the dtype `auto` stands for.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from actors.families import FamilyError, family_of, site_modules
+from actors.layers import inner_model
+from actors.shard import DTYPES, ModelLoadError, causal_lm_class, dequantize_kwargs, has_experts, text_config
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """The facts of one checkpoint a plan is made from."""
+
+    model_type: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    dtype: str                  # what the stages load: model.dtype, `auto` resolved
+    layer_bytes: tuple[int, ...]  # per decoder layer, at `dtype`
+    embed_bytes: int            # the token embeddings, held by stage 0 only
+    shared_bytes: int           # what every stage holds besides its layers (rotary, per-layer tables, ...)
+    experts: bool               # the model has routed experts (experts_implementation applies)
+    quantization: str | None    # quant_method of a quantized release (loaded dequantized)
+
+
+def checkpoint_dtype(model_path: str, config) -> str:
+    """The dtype `from_pretrained(dtype="auto")` picks: the config's, else the first floating
+    tensor's in the checkpoint."""
+    dtype = getattr(config, "dtype", None)
+    if dtype is None:
+        dtype = _first_float_dtype(model_path)
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ModelLoadError(
+            f"{model_path}: the checkpoint's dtype is {name}; set model.dtype to one of {sorted(DTYPES)}."
+        )
+    return name
+
+
+_SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
+def _first_float_dtype(model_path: str) -> str:
+    for path in sorted(Path(model_path).glob("*.safetensors")):
+        for name, meta in _header(path).items():
+            if name != "__metadata__" and meta["dtype"] in _SAFETENSORS_FLOATS:
+                return _SAFETENSORS_FLOATS[meta["dtype"]]
+    return "float32"
+
+
+def anatomy(model_path: str, config, dtype: str = "auto", experts_implementation: str | None = None) -> Anatomy:
+    """Inspect the checkpoint at `model_path` (config already read) on the meta device."""
+    text = text_config(config)
+    family = family_of(text.model_type)
+    if family.refuse:
+        raise ModelLoadError(f"model_type={text.model_type!r} ({family.name}) is not supported: {family.refuse}")
+    quantization = _quant_method(config)
+    dequantize_kwargs(config)  # refuses what cannot be dequantized
+    if quantization == "fp8":
+        _check_fp8_tiles(model_path, config)
+    resolved = checkpoint_dtype(model_path, config) if dtype == "auto" else dtype
+    experts = has_experts(config)
+    if experts_implementation and not experts:
+        raise ModelLoadError(
+            f"model.experts_implementation={experts_implementation!r}, but {config.model_type!r} "
+            "has no experts kernel to choose; leave model.experts_implementation empty."
+        )
+    model = _meta_model(config, text, DTYPES[resolved])
+    try:
+        inner = inner_model(model, family)
+    except AttributeError:
+        inner = None
+    layers = getattr(inner, family.layers, None)
+    if layers is None:
+        raise ModelLoadError(
+            f"model_type={config.model_type!r}: {type(model).__name__} has no "
+            f"{family.inner}.{family.layers}; map its decoder in actors/families.py:FAMILIES."
+        )
+    try:
+        for index, layer in enumerate(layers):
+            site_modules(family, layer, index, text.model_type)
+    except FamilyError as err:
+        raise ModelLoadError(str(err)) from None
+    layer_bytes = tuple(_bytes(layer) for layer in layers)
+    embed_bytes = _bytes(getattr(inner, family.embed, None))
+    placed = {id(p) for part in (layers, getattr(inner, family.embed, None), getattr(inner, family.norm, None),
+                                 getattr(model, family.head, None)) if part is not None for p in part.parameters()}
+    shared = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in placed)
+    return Anatomy(
+        model_type=config.model_type, family=family.name, num_layers=len(layers),
+        hidden_size=text.hidden_size, dtype=resolved, layer_bytes=layer_bytes, embed_bytes=embed_bytes,
+        shared_bytes=shared, experts=experts, quantization=quantization,
+    )
+
+
+def _quant_method(config) -> str | None:
+    quantized = getattr(config, "quantization_config", None)
+    if not quantized:
+        return None
+    method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized.quant_method
+    return str(getattr(method, "value", method))
+
+
+_FP8 = ("F8_E4M3", "F8_E5M2")
+
+
+def _check_fp8_tiles(model_path: str, config) -> None:
+    """Refuse block-FP8 weights whose shape is not whole tiles: transformers derives the tile
+    from the scale grid, so a partial tile is dequantized wrongly or not at all."""
+    quantized = config.quantization_config
+    block = (quantized.get("weight_block_size") if isinstance(quantized, dict)
+             else getattr(quantized, "weight_block_size", None)) or (128, 128)
+    for path in sorted(Path(model_path).glob("*.safetensors")):
+        for name, meta in _header(path).items():
+            shape = meta.get("shape", []) if name != "__metadata__" else []
+            if meta.get("dtype") in _FP8 and len(shape) == 2 and (shape[0] % block[0] or shape[1] % block[1]):
+                raise ModelLoadError(
+                    f"the checkpoint is quantized with 'fp8' in {block[0]}x{block[1]} tiles, and {name} "
+                    f"{shape} ends in a partial tile, which transformers dequantizes wrongly; give the "
+                    "bf16 weights (e.g. a copy converted with the model's own fp8-to-bf16 script)."
+                )
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return json.loads(f.read(int.from_bytes(f.read(8), "little")))
+
+
+def _meta_model(config, text, dtype: torch.dtype):
+    """The causal LM's modules with meta tensors: shapes without memory."""
+    import copy
+
+    plain = copy.deepcopy(text)
+    if hasattr(plain, "quantization_config"):
+        del plain.quantization_config  # the stages hold the dequantized modules
+    cls = causal_lm_class(config)
+    with torch.device("meta"):
+        try:
+            return cls._from_config(plain, dtype=dtype)
+        except Exception as err:  # noqa: BLE001 - any family's constructor
+            raise ModelLoadError(
+                f"model_type={config.model_type!r}: transformers could not build the model from its "
+                f"config ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
+            ) from None
+
+
+def _bytes(module) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() * p.element_size() for p in module.parameters())
