@@ -1,18 +1,23 @@
-"""Seeded, cached tiny MoE checkpoints with planted outlier features.
+"""Seeded, cached tiny checkpoints of any decoder family, with planted outlier features.
 
-Tests and the default job need a real Hugging Face checkpoint directory
-(config, safetensors weights, tokenizer) without network access. `build_tiny`
-makes one from a `TinySpec`: a random-init Qwen3-MoE or OLMoE model whose
-RMSNorm weights are scaled at chosen hidden dims ("plants"), plus a byte-level
-BPE tokenizer trained locally on standard-library docstrings.
+Tests and the default job need a real Hugging Face checkpoint directory (config,
+safetensors weights, tokenizer) without network access. `build_tiny` makes one from a
+`TinySpec`: a random-init model of the family `arch` (any causal-LM model_type of the
+installed transformers, shrunk to the spec's sizes by `cluster/small_config.py`), plus
+a byte-level BPE tokenizer trained locally on standard-library docstrings.
 
-Why a plant makes an outlier: RMSNorm returns ``x / rms(x) * weight``. In a
-random-init model the normalized vector ``x / rms(x)`` is close to N(0, 1) per
-dim, so the norm output at dim ``d`` is about ``weight[d] * N(0, 1)``. With
-``weight[d] = 40`` the output has |x| >= 6 whenever |N(0, 1)| >= 0.15, i.e. at
-about 88% of tokens, while unplanted dims (weight 1) reach 6 with probability
-about 2e-9. Planting in most layers satisfies the layer criterion; a plant in
-one layer, or a small scale such as 1.5, does not, which gives negative controls.
+Plants put outlier features in the weights:
+
+- `kind: norm` scales, at `dim`, the weight of the norm whose output a site's block
+  reads (found by running the model once), in chosen layers and sites. RMSNorm returns
+  ``x / rms(x) * weight``; in a random-init model ``x / rms(x)`` is close to N(0, 1) per
+  dim, so with ``weight[d] = 40`` the output has |x| >= 6 whenever |N(0, 1)| >= 0.15,
+  at about 88% of tokens, while unplanted dims reach 6 with probability about 2e-9. A
+  plant in one layer, or a small scale such as 1.5, makes a negative control.
+- `kind: embedding` sets column `dim` of the token embeddings to ±`scale`: a value that
+  the residual stream carries through every layer, so the dim exceeds at both sites of
+  every layer in any family, pre-norm or not (after an RMSNorm over h dims a lone large
+  dim comes out near sqrt(h): 8 at h = 64).
 """
 from __future__ import annotations
 
@@ -31,16 +36,19 @@ import tokenizers
 import torch
 import transformers
 
-from actors.capture import SITES as SITE_MODULES
+from actors.families import SITES as SITE_ROLES
+from actors.families import family_of
+from actors.layers import inner_model
 from cluster.data import load_texts
+from cluster.small_config import small_config
 
-ARCHS = ("qwen3_moe", "olmoe")
-SITES = tuple(SITE_MODULES)
+SITES = tuple(SITE_ROLES)
+KINDS = ("norm", "embedding")
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
 # Enough docstrings for a stable 1k-token BPE vocab while keeping training well under a second.
 TOKENIZER_TRAIN_CHARS = 300_000
 # Bump when the build steps change, so cached checkpoints from older steps are not reused.
-BUILD_RECIPE = 1
+BUILD_RECIPE = 2
 
 
 def _fail(key: str, value, rule: str) -> None:
@@ -49,15 +57,17 @@ def _fail(key: str, value, rule: str) -> None:
 
 @dataclass(frozen=True)
 class Plant:
-    """Scale the norm weight at `dim` by `scale` in `layers`, at each of `sites`.
+    """An outlier feature at `dim`: a norm weight scaled by `scale` in `layers` at `sites`
+    (kind norm), or the token embeddings' column set to ±scale (kind embedding).
 
     `layers` and `sites` accept lists or tuples and are stored as tuples so specs hash.
     """
 
     dim: int
-    layers: tuple[int, ...]
-    scale: float
+    layers: tuple[int, ...] = ()
+    scale: float = 40.0
     sites: tuple[str, ...] = SITES
+    kind: str = "norm"
 
     def __post_init__(self) -> None:
         for key in ("layers", "sites"):
@@ -65,9 +75,11 @@ class Plant:
             if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, range)):
                 _fail(key, value, "must be a list")
             object.__setattr__(self, key, tuple(value))
+        if self.kind not in KINDS:
+            _fail("kind", self.kind, f"must be one of {list(KINDS)}")
         if not _is_index(self.dim):
             _fail("dim", self.dim, "must be an integer >= 0")
-        if not self.layers or not all(_is_index(i) for i in self.layers):
+        if self.kind == "norm" and (not self.layers or not all(_is_index(i) for i in self.layers)):
             _fail("layers", list(self.layers), "must be a non-empty list of integers >= 0")
         if len(set(self.layers)) != len(self.layers):
             _fail("layers", list(self.layers), "must not repeat a layer")
@@ -80,7 +92,11 @@ class Plant:
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Shape, seed and plants of a tiny MoE checkpoint; every layer is an MoE layer."""
+    """Family, shape, seed and plants of a tiny checkpoint.
+
+    `arch` is a model_type; the sizes map onto its config's own keys, and `config` sets any
+    other key of it (e.g. {embedding_multiplier: 12}). `dtype` is the dtype it is saved in.
+    """
 
     arch: str = "qwen3_moe"
     num_layers: int = 8
@@ -94,11 +110,17 @@ class TinySpec:
     max_position: int = 4096
     seed: int = 0
     plants: tuple[Plant, ...] = field(default=())
+    config: tuple = ()
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "plants", tuple(self.plants))
-        if self.arch not in ARCHS:
-            _fail("arch", self.arch, f"must be one of {list(ARCHS)}")
+        object.__setattr__(self, "plants", tuple(
+            Plant(**p) if isinstance(p, dict) else p for p in self.plants))
+        object.__setattr__(self, "config", _frozen(self.config))
+        if self.arch not in transformers.CONFIG_MAPPING:
+            _fail("arch", self.arch, "must be a model_type of the installed transformers, e.g. 'qwen3_moe'")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            _fail("dtype", self.dtype, "must be float32, bfloat16 or float16")
         self._check_sizes()
         for plant in self.plants:
             self._check_plant(plant)
@@ -124,40 +146,39 @@ class TinySpec:
 
     def _check_plant(self, plant: Plant) -> None:
         if not isinstance(plant, Plant):
-            _fail("plants", plant, "must hold Plant objects (or dicts via TinySpec.from_dict)")
+            _fail("plants", plant, "must hold Plant objects or mappings")
         if plant.dim >= self.hidden_size:
             _fail("plants.dim", plant.dim, f"must be < hidden_size ({self.hidden_size})")
         outside = [i for i in plant.layers if i >= self.num_layers]
         if outside:
             _fail("plants.layers", list(plant.layers), f"must all be < num_layers ({self.num_layers})")
 
-    @classmethod
-    def from_dict(cls, data: dict) -> TinySpec:
-        """Build a spec from plain data (e.g. YAML); `plants` is a list of dicts."""
-        if not isinstance(data, dict):
-            _fail("spec", data, "must be a mapping of TinySpec fields")
-        _reject_unknown(data, cls, "TinySpec")
-        values = dict(data)
-        plants = values.pop("plants", ())
-        for plant in plants:
-            if not isinstance(plant, dict):
-                _fail("plants", plant, "each plant must be a mapping with keys dim, layers, scale, sites")
-            _reject_unknown(plant, Plant, "Plant")
-        return cls(**values, plants=tuple(Plant(**plant) for plant in plants))
+    @property
+    def overrides(self) -> dict:
+        """`config` as the mapping it was given as."""
+        return {key: _thawed(value) for key, value in self.config}
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["config"] = self.overrides
+        return data
+
+
+def _frozen(value):
+    """A mapping as sorted (key, value) pairs and lists as tuples, so a spec hashes."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _thawed(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _is_index(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _reject_unknown(data: dict, cls, name: str) -> None:
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown {name} keys {unknown}; valid keys are {valid}")
 
 
 def default_plants(num_layers: int = 8, hidden_size: int = 128) -> tuple[Plant, ...]:
@@ -223,28 +244,33 @@ def spec_digest(spec: TinySpec) -> str:
 def _write_checkpoint(spec: TinySpec, out_dir: Path) -> None:
     tokenizer = train_tokenizer(spec.vocab_size, spec.max_position)
     model = _init_model(spec, tokenizer)
-    plant_norm_weights(model, spec.plants)
+    plant_weights(model, spec.plants)
     transformers.utils.logging.disable_progress_bar()  # keep run logs to our own lines
-    model.save_pretrained(out_dir)
+    model.to(getattr(torch, spec.dtype)).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "tiny_spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
 
 
+_TOKENIZERS: dict = {}
+
+
 def train_tokenizer(vocab_size: int, max_length: int) -> transformers.PreTrainedTokenizerFast:
-    """Byte-level BPE trained on a bounded prefix of the stdlib docstrings."""
+    """Byte-level BPE trained on a bounded prefix of the stdlib docstrings (once per process)."""
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    bpe = tokenizers.Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(_bounded_texts(TOKENIZER_TRAIN_CHARS), trainer=trainer)
+    if vocab_size not in _TOKENIZERS:
+        bpe = tokenizers.Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        bpe.train_from_iterator(_bounded_texts(TOKENIZER_TRAIN_CHARS), trainer=trainer)
+        _TOKENIZERS[vocab_size] = bpe.to_str()
     bos, eos, pad = SPECIAL_TOKENS
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=pad,
-        model_max_length=max_length)
+        tokenizer_object=tokenizers.Tokenizer.from_str(_TOKENIZERS[vocab_size]),
+        bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=max_length)
 
 
 def _bounded_texts(max_chars: int):
@@ -257,34 +283,70 @@ def _bounded_texts(max_chars: int):
 
 
 def _init_model(spec: TinySpec, tokenizer) -> transformers.PreTrainedModel:
-    config = model_config(spec, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config = small_config(
+        spec.arch, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+        num_experts=spec.num_experts, top_k=spec.top_k, expert_size=spec.expert_size,
+        num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, vocab_size=spec.vocab_size,
+        max_position=spec.max_position, extra={
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, **spec.overrides})
     torch.manual_seed(spec.seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
 
 
-def model_config(spec: TinySpec, bos_id: int, eos_id: int, pad_id: int) -> transformers.PreTrainedConfig:
-    """HF config for `spec`, with every decoder layer an MoE layer."""
-    common = dict(
-        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_position, num_experts=spec.num_experts,
-        num_experts_per_tok=spec.top_k, bos_token_id=bos_id, eos_token_id=eos_id,
-        pad_token_id=pad_id, tie_word_embeddings=False)
-    if spec.arch == "qwen3_moe":
-        return transformers.Qwen3MoeConfig(
-            **common, moe_intermediate_size=spec.expert_size,
-            intermediate_size=spec.expert_size * spec.top_k,  # unused: no dense MLP layers
-            decoder_sparse_step=1, mlp_only_layers=[])
-    return transformers.OlmoeConfig(**common, intermediate_size=spec.expert_size)
-
-
-def plant_norm_weights(model, plants: tuple[Plant, ...]) -> None:
-    """Multiply the RMSNorm weight at each plant's dim, layer and site by its scale."""
-    layers = model.model.layers
+def plant_weights(model, plants: tuple[Plant, ...]) -> None:
+    """Apply each plant to the model's weights (see the module docstring)."""
+    norms = feeding_norms(model) if any(p.kind == "norm" for p in plants) else {}
+    family = family_of(model.config.model_type)
     with torch.no_grad():
         for plant in plants:
+            if plant.kind == "embedding":
+                embed = getattr(inner_model(model, family), family.embed).weight  # [vocab, hidden]
+                sign = torch.where(embed[:, plant.dim] < 0, -1.0, 1.0)
+                embed[:, plant.dim] = sign.to(embed.dtype) * plant.scale
+                continue
             for index in plant.layers:
                 for site in plant.sites:
-                    norm = getattr(layers[index], SITE_MODULES[site])
-                    norm.weight[plant.dim] *= plant.scale
+                    norms[(index, site)].weight[plant.dim] *= plant.scale
+
+
+def feeding_norms(model) -> dict[tuple[int, str], torch.nn.Module]:
+    """{(layer, site): the child of the layer whose output is exactly what the site's block reads}.
+
+    Found by one forward with hooks; a site no child feeds directly (post-norm layers) is
+    refused for norm plants, in one line.
+    """
+    from actors.families import site_modules
+
+    family = family_of(model.config.model_type)
+    layers = getattr(inner_model(model, family), family.layers)
+    outputs: dict[int, tuple] = {}  # id -> (module, output): outputs are kept, so ids stay unique
+    inputs: dict[tuple[int, str], torch.Tensor] = {}
+
+    def output_of(module, _args, out):
+        if isinstance(out, torch.Tensor):
+            outputs[id(out)] = (module, out)
+
+    def input_of(key):
+        def hook(_module, args, kwargs):
+            inputs.setdefault(key, args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    handles = []
+    for index, layer in enumerate(layers):
+        handles += [child.register_forward_hook(output_of) for child in layer.children()]
+        handles += [module.register_forward_pre_hook(input_of((index, site)), with_kwargs=True)
+                    for site, module in site_modules(family, layer, index, model.config.model_type).items()]
+    ids = torch.arange(16).remainder(model.config.vocab_size).unsqueeze(0)  # [1, 16]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    found = {key: outputs[id(value)][0] if outputs.get(id(value), (None, None))[1] is value else None
+             for key, value in inputs.items()}
+    for key, norm in found.items():
+        if norm is None or not isinstance(getattr(norm, "weight", None), torch.Tensor):
+            raise ValueError(f"{model.config.model_type}: no norm feeds layer {key[0]} {key[1]} directly "
+                             "(not a pre-norm layer); plant kind 'embedding' instead")
+    return found

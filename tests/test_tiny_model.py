@@ -42,7 +42,7 @@ def test_plant_validation_names_key_value_and_rule(kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(arch="llama"), r"arch='llama' .*'qwen3_moe', 'olmoe'"),
+    (dict(arch="llamaa"), r"arch='llamaa' .*model_type of the installed transformers"),
     (dict(num_layers=0), r"num_layers=0 .*positive"),
     (dict(top_k=9), r"top_k=9 .*num_experts \(8\)"),
     (dict(num_heads=3), r"num_heads=3 .*hidden_size \(128\)"),
@@ -56,18 +56,22 @@ def test_spec_validation_names_key_value_and_rule(kwargs, message):
         TinySpec(**kwargs)
 
 
-def test_from_dict_builds_plants_and_rejects_unknown_keys():
-    spec = TinySpec.from_dict({"num_layers": 4, "plants": [{"dim": 7, "layers": [0, 1, 2], "scale": 40.0}]})
+def test_config_builds_plants_and_rejects_unknown_keys():
+    from cluster.config import ConfigError, build
+
+    spec = build(TinySpec, {"num_layers": 4, "plants": [{"dim": 7, "layers": [0, 1, 2], "scale": 40.0}]})
     assert spec.plants == (STRONG,)
-    with pytest.raises(ValueError, match=r"unknown TinySpec keys \['layers'\]; valid keys are .*'num_layers'"):
-        TinySpec.from_dict({"layers": 4})
-    with pytest.raises(ValueError, match=r"unknown Plant keys \['scal'\]; valid keys are .*'scale'"):
-        TinySpec.from_dict({"plants": [{"dim": 1, "layers": [0], "scal": 2.0}]})
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['layers'\] in tiny; valid keys: .*'num_layers'"):
+        build(TinySpec, {"layers": 4}, "tiny")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['scal'\] in tiny.plants\[0\]; valid keys: .*'scale'"):
+        build(TinySpec, {"plants": [{"dim": 1, "layers": [0], "scal": 2.0}]}, "tiny")
 
 
 def test_spec_is_hashable_and_digest_tracks_content():
-    assert hash(SMALL) == hash(TinySpec.from_dict(SMALL.to_dict()))
-    assert spec_digest(SMALL) == spec_digest(TinySpec.from_dict(SMALL.to_dict()))
+    from cluster.config import build
+
+    assert hash(SMALL) == hash(build(TinySpec, SMALL.to_dict()))
+    assert spec_digest(SMALL) == spec_digest(build(TinySpec, SMALL.to_dict()))
     assert spec_digest(SMALL) != spec_digest(TinySpec(num_layers=4, plants=(STRONG,), seed=1))
 
 
