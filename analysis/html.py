@@ -87,7 +87,11 @@ def page(summary: dict, images: dict[str, bytes]) -> str:
     """report.html: one file, images embedded as data URIs so it can be mailed or downloaded."""
     c = summary["criteria"]
     esc = html.escape
+    run = summary["run"]
     facts = {
+        "model": f"{run['model']} ({run['model_type']}, {run['dtype']})",
+        "data": f"{run['data']}, {run['sequences']} x {run['seq_len']} tokens",
+        "run made": run["created"] or "unknown",
         "layers": summary["num_layers"], "hidden size": summary["hidden_size"],
         "tokens per layer-site": summary["tokens"], "storage": summary["storage_mode"],
         "outlier features": summary["num_outlier_features"],
@@ -96,7 +100,7 @@ def page(summary: dict, images: dict[str, bytes]) -> str:
     rows = feature_rows(summary) or [["(none)"] + [""] * (len(HEADER) - 1)]
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        "<title>Outlier features</title>", f"<style>{STYLE}</style></head><body>",
+        f"<title>Outlier features: {esc(str(run['model']))}</title>", f"<style>{STYLE}</style></head><body>",
         "<h1>Outlier features</h1>",
         '<table id="facts">' + "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>"
                                        for k, v in facts.items()) + "</table>",

@@ -34,6 +34,7 @@ def build_summary(info: dict, criteria: Criteria, features: pl.DataFrame, **extr
     rows = features.select(FEATURE_KEYS).sort("dim").to_dicts()
     kinds = [row["classification"] for row in rows]
     return {
+        "run": run_facts(info),
         "criteria": criteria.as_dict(),
         "num_layers": info["num_layers"],
         "hidden_size": info["hidden_size"],
@@ -44,6 +45,34 @@ def build_summary(info: dict, criteria: Criteria, features: pl.DataFrame, **extr
         **extra,
         "outlier_features": rows,
     }
+
+
+def run_facts(info: dict) -> dict:
+    """What tells two reports apart: the model, the data and when the run was made."""
+    config = info.get("config") or {}
+    model, data = config.get("model") or {}, config.get("data") or {}
+    tiny = model.get("tiny")
+    name = model.get("path") or (f"tiny {tiny.get('arch')} (seed {tiny.get('seed')})" if tiny else None)
+    return {
+        "model": name or info.get("model_path"),
+        "model_type": info.get("model_type"),
+        "dtype": info.get("dtype"),
+        "data": data.get("source"),
+        "split": data.get("split"),
+        "sequences": info.get("num_sequences", data.get("num_sequences")),
+        "seq_len": info.get("seq_len", data.get("seq_len")),
+        "created": info.get("created"),
+    }
+
+
+def headline(facts: dict) -> list[str]:
+    """The report's first lines: model, data, date."""
+    data = facts["data"] if facts.get("split") in (None, "train") else f"{facts['data']} ({facts['split']})"
+    return [
+        f"- model: `{facts['model']}` ({facts['model_type']}, {facts['dtype']})",
+        f"- data: `{data}`, {facts['sequences']} x {facts['seq_len']} tokens",
+        f"- run made: {facts['created'] or 'unknown'}",
+    ]
 
 
 def feature_table(features: list[dict]) -> str:
@@ -69,6 +98,8 @@ def markdown(summary: dict) -> str:
     unit = "layers" if c["layer_unit"] == "layer" else "layer-sites (of 2L)"
     lines = [
         "# Outlier features",
+        "",
+        *headline(summary["run"]),
         "",
         f"Run: {summary['num_layers']} layers, hidden size {summary['hidden_size']}, "
         f"{summary['tokens']} tokens per layer-site, storage `{summary['storage_mode']}`.",

@@ -7,7 +7,9 @@ Sources (`load_texts`):
   - a local ``.txt`` (documents separated by blank lines), ``.jsonl``, ``.json``
     (a list of records or ``{"data": [...]}``) or ``.parquet`` file.
   - anything else is taken as a Hugging Face dataset id, ``"id"`` or
-    ``"id:config"``, streamed with the optional ``datasets`` package.
+    ``"id:config"``, streamed with the optional ``datasets`` package; a local
+    directory (``"dir"`` or ``"dir:config"``) is streamed the same way, as a
+    downloaded copy of a hub dataset (data files, or a ``save_to_disk`` folder).
 
 Packing (`pack_sequences`):
   Each document is tokenized without the tokenizer's own special tokens, then
@@ -55,6 +57,9 @@ def load_texts(source: str, text_field: str = "text", split: str = "train") -> I
     if source == "stdlib":
         return iter(_stdlib_texts())
     path = Path(source).expanduser()
+    folder = source.rpartition(":")[0]
+    if path.is_dir() or (folder and Path(folder).expanduser().is_dir()):
+        return _hub_texts(source, text_field, split)  # a local dataset directory, streamed the same way
     if path.suffix.lower() in FILE_SUFFIXES or path.exists() or _looks_like_path(source):
         return _file_texts(path, text_field)
     return _hub_texts(source, text_field, split)
@@ -246,17 +251,39 @@ def _hub_texts(source: str, text_field: str, split: str) -> Iterator[str]:
         raise DataError(f"source {source!r} is a Hugging Face dataset id, which needs the "
                         "optional 'datasets' package: pip install 'moe-outliers[datasets]' "
                         "(or use a local .txt/.jsonl/.json/.parquet file or 'stdlib')") from err
-    dataset_id, _, config = source.partition(":")
+    dataset_id, config = _dataset_and_config(source)
     try:
-        records = iter(datasets.load_dataset(dataset_id, config or None, split=split, streaming=True))
+        records = iter(_stream(datasets, dataset_id, config, split))
         first = next(records, None)
     except Exception as err:  # network, auth and not-found errors all share one fix
-        raise DataError(f"could not reach Hugging Face dataset {source!r} (split {split!r}): "
-                        f"{type(err).__name__}: {err}. Without network access, pass a local "
-                        ".txt/.jsonl/.json/.parquet file or 'stdlib' instead") from err
+        raise DataError(f"could not read Hugging Face dataset {source!r} (split {split!r}): "
+                        f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}. "
+                        "Without network access, pass a local copy (a dataset directory or a "
+                        ".txt/.jsonl/.json/.parquet file) or 'stdlib' instead") from None
     if first is None:
         return iter(())
     return _record_texts(_prepend(first, records), text_field, source)
+
+
+def _dataset_and_config(source: str) -> tuple[str, str | None]:
+    """'id', 'id:config', 'dir' or 'dir:config' -> (id or dir, config or None)."""
+    if Path(source).expanduser().is_dir():
+        return str(Path(source).expanduser()), None
+    folder, _, config = source.rpartition(":")
+    if folder and Path(folder).expanduser().is_dir():
+        return str(Path(folder).expanduser()), config or None
+    dataset_id, _, config = source.partition(":")
+    return dataset_id, config or None
+
+
+def _stream(datasets, dataset_id: str, config: str | None, split: str):
+    """The split's records, streamed; a `save_to_disk` folder is read from its Arrow files."""
+    folder = Path(dataset_id)
+    if folder.is_dir() and ((folder / "state.json").exists() or (folder / "dataset_dict.json").exists()):
+        saved = datasets.load_from_disk(str(folder))
+        saved = saved[split] if isinstance(saved, datasets.DatasetDict) else saved
+        return saved.to_iterable_dataset()
+    return datasets.load_dataset(dataset_id, config, split=split, streaming=True)
 
 
 def _prepend(first, rest: Iterator) -> Iterator:

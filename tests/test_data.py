@@ -147,7 +147,7 @@ def test_hub_source_unreachable(monkeypatch):
         raise ConnectionError("no route to host")
 
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets(offline))
-    with pytest.raises(DataError, match=r"could not reach.*fineweb-edu.*local"):
+    with pytest.raises(DataError, match=r"could not read.*fineweb-edu.*no route to host.*local copy"):
         load_texts("HuggingFaceFW/fineweb-edu")
 
 
@@ -161,6 +161,49 @@ def test_hub_source_streams_records_with_config(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets(load_dataset))
     assert list(load_texts("org/set:sample-10BT", split="validation")) == ["x", "y"]
     assert calls == [("org/set", "sample-10BT", "validation", True)]
+
+
+def local_dataset(root, files: int = 2, docs: int = 30):
+    """A dataset directory as a user copies one from the hub: data files under data/."""
+    (root / "data").mkdir(parents=True)
+    for i in range(files):
+        records = [{"id": i * docs + j, "text": f"Document {i * docs + j}: " + "words " * (j % 7 + 3)}
+                   for j in range(docs)]
+        (root / "data" / f"train-{i:05d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub: datasets and huggingface_hub told to stay offline, as without network access."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+
+
+def test_a_local_dataset_directory_is_streamed_with_the_real_package(tmp_path, offline):
+    import datasets
+
+    folder = local_dataset(tmp_path / "fineweb-copy")
+    texts = load_texts(str(folder))
+    assert not isinstance(texts, list)  # a lazy stream, not a list read whole
+    want = [r["text"] for f in sorted((folder / "data").glob("*.jsonl"))
+            for r in map(json.loads, f.read_text().splitlines())]
+    assert list(texts) == want
+    assert list(load_texts(f"{folder}:default")) == want  # 'dir:config' as 'id:config'
+    with pytest.raises(DataError, match=r"has no field 'body'.*'id', 'text'"):
+        list(load_texts(str(folder), text_field="body"))
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict({"text": ["one", "two", "three"]}).save_to_disk(str(saved))
+    assert list(load_texts(str(saved))) == ["one", "two", "three"]
+    with pytest.raises(DataError, match=r"could not read.*split 'test'"):
+        load_texts(str(folder), split="test")
+
+
+def test_a_dataset_id_not_cached_fails_offline_in_one_line(offline):
+    with pytest.raises(DataError, match=r"could not read Hugging Face dataset 'org/no-such-set'.*local copy"):
+        load_texts("org/no-such-set")
 
 
 # ---------------------------------------------------------------- packing
