@@ -70,9 +70,9 @@ def describe(stages: list[range], stage_bytes: list[int]) -> str:
     return "\n".join(lines)
 
 
-def stage_bytes(stages: list[range], layer_bytes: list[int], embed_bytes: int) -> list[int]:
-    """Parameter bytes each stage holds under the plan."""
+def stage_bytes(stages: list[range], layer_bytes: list[int], embed_bytes: int, shared_bytes: int = 0) -> list[int]:
+    """Parameter bytes each stage holds under the plan (`shared_bytes`: held by every stage)."""
     return [
-        sum(layer_bytes[i] for i in layers) + (embed_bytes if layers.start == 0 else 0)
+        sum(layer_bytes[i] for i in layers) + (embed_bytes if layers.start == 0 else 0) + shared_bytes
         for layers in stages
     ]
