@@ -110,6 +110,7 @@ FAMILIES: dict[str, Family] = {
         "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
         "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2}}),
     "deepseek_v2": _family("DeepSeek-V2", scales=_ROUTED_SCALE),
+    "doge": _family("Doge (cross-domain MoE)", tiny={"is_moe": True}),
     "deepseek_v3": _family("DeepSeek-V3 / R1", ray=True),
     "deepseek_v32": _family("DeepSeek-V3.2"),
     "deepseek_v4": _family("DeepSeek-V4"),
@@ -121,6 +122,9 @@ FAMILIES: dict[str, Family] = {
     "exaone_moe": _family("EXAONE-MoE"),
     "flex_olmo": _family("FlexOlmo (post-norm)"),
     "flint": _family("Flint"),
+    "gemma4_text": _family("Gemma 4 (text)", refuse=(
+        "its layers run a dense MLP and an MoE side by side on differently normalised inputs, so "
+        "ln_mlp is not one tensor, and they read per-layer inputs derived from the embeddings")),
     "glm4_moe": _family("GLM-4-MoE", scales=_ROUTED_SCALE),
     "glm4_moe_lite": _family("GLM-4-MoE-lite"),
     "glm_moe_dsa": _family("GLM-MoE-DSA", carries=(0, "prev_topk_indices"), tiny={"indexer_types": ["full", "shared", "shared"] * 2}),
@@ -170,6 +174,9 @@ FAMILIES: dict[str, Family] = {
     "qwen2_moe": _family("Qwen2-MoE"),
     "qwen3_5_moe_text": _family("Qwen3.5-MoE (text)", attention=_HYBRID),
     "qwen3_moe": _family("Qwen3-MoE", tiny={"use_sliding_window": False, "mlp_only_layers": []}),
+    "qwen4_exp_text": _family("Qwen4-exp (text; hyper-connections)", attention=_HYBRID, tiny={
+        "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+        "indexer_compress_ratio": 4}),
     "qwen3_next": _family("Qwen3-Next (gated delta net + attention)", attention=_HYBRID, ray=True),
     "sarvam_mla": _family("Sarvam (MLA)"),
     "sarvam_moe": _family("Sarvam-MoE"),

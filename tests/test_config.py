@@ -42,7 +42,7 @@ def test_model_path_override_replaces_the_tiny_model():
     (["pipeline.num_stages=two"], r"pipeline.num_stages='two': expected int"),
     (["pipeline.num_stages=0"], r"pipeline.num_stages=0: must be at least 1"),
     (["data.seq_len=true"], r"data.seq_len=True: expected int"),
-    (["model.dtype=fp8"], r"model.dtype='fp8': choose one of \['float32', 'bfloat16', 'float16'\]"),
+    (["model.dtype=fp8"], r"model.dtype='fp8': choose one of \['auto', 'float32', 'bfloat16', 'float16'\]"),
     (["storage.mode=sparse"], r"storage.mode='sparse': choose one of \['dense', 'exceedances'\]"),
     (["analysis.layer_unit=token"], r"layer_unit='token'"),
     (["model.tiny.hidden_size=100", "model.tiny.num_heads=3"], r"num_heads"),

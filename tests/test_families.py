@@ -161,3 +161,39 @@ def test_readme_lists_the_tables_families():
     assert support_table() in readme
     printed = subprocess.run([sys.executable, "-m", "actors.families"], capture_output=True, text=True, check=True)
     assert printed.stdout.strip() == support_table()
+
+
+# A multimodal release keeps its text decoder beside a vision tower; tiny towers for two of them.
+VISION = {
+    "llama4": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "vision_output_dim": 32, "image_size": 28, "patch_size": 14, "projector_input_dim": 32,
+               "projector_output_dim": 32},
+    "qwen3_5_moe": {"hidden_size": 32, "intermediate_size": 64, "depth": 1, "num_heads": 2,
+                    "out_hidden_size": 64, "num_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize("model_type, text_type", [("llama4", "llama4_text"), ("qwen3_5_moe", "qwen3_5_moe_text")])
+def test_a_multimodal_release_runs_its_text_decoder(tmp_path, model_type, text_type):
+    import torch
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from cluster.small_config import small_config
+
+    text = small_config(text_type, extra={**FAMILIES[text_type].scales, "eos_token_id": 2, "pad_token_id": 0})
+    config = transformers.CONFIG_MAPPING[model_type](
+        text_config=text.to_dict(), vision_config=VISION[model_type], image_token_index=500, image_token_id=500)
+    torch.manual_seed(0)
+    full = getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type])._from_config(
+        config, dtype=torch.float32)
+    path = str(tmp_path / "release")
+    full.save_pretrained(path)
+    body = anatomy(path, load_config(path))
+    assert (body.model_type, body.family, body.num_layers) == (model_type, FAMILIES[text_type].name, LAYERS)
+    ids, mask = token_batch(seed=4, batch=BATCH, seq=SEQ, pad_last=PAD, vocab=400)
+    expected = reference_activations(path, "float32", ids, mask, micro_batch=2)
+    run_stages(path, "float32", tmp_path / "run", ids, mask, num_layers=LAYERS, num_stages=2, micro_batch=2)
+    for layer in range(LAYERS):
+        for site in SITES:
+            _, _, act = read_site(tmp_path / "run", layer, site)
+            assert np.array_equal(act, expected[(layer, site)][mask.bool().numpy()]), (layer, site)
