@@ -103,10 +103,11 @@ def test_a_missing_checkpoint_says_how_to_fix_it(tmp_path):
 
 
 def test_a_decoder_the_table_cannot_map_is_refused_in_one_line(tmp_path):
-    from transformers import GPT2Config
+    from transformers import MambaConfig
 
-    config = GPT2Config(n_layer=1, n_embd=32, n_head=2)
-    with pytest.raises(ModelLoadError, match=r"'gpt2'.*GPT2LMHeadModel has no model.layers.*actors/families.py"):
+    config = MambaConfig(num_hidden_layers=1, hidden_size=32, vocab_size=64)
+    with pytest.raises(ModelLoadError, match=r"^model_type='mamba': MambaForCausalLM has no model.layers; "
+                                             r"map its decoder in actors/families.py:FAMILIES.$"):
         anatomy(str(tmp_path), config, "float32")
 
 
