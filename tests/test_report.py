@@ -108,6 +108,23 @@ def test_exceedance_run_gives_the_dense_summary(tmp_path):
     assert stored["outlier_features"] == dense["outlier_features"]
 
 
+def test_reports_open_with_the_model_the_data_and_the_date(run):
+    path, _, _ = run
+    record = json.loads((path / "run.json").read_text())
+    record["config"].update(model={"path": "org/some-moe"}, data={"source": "corpus.jsonl", "split": "train",
+                                                                  "num_sequences": 4, "seq_len": 6})
+    record.update(model_type="qwen3_moe", dtype="bfloat16", created="2026-11-28T12:00:00+00:00")
+    (path / "run.json").write_text(json.dumps(record))
+    analyse(str(path))
+    head = (path / "report.md").read_text().splitlines()[:5]
+    assert head == ["# Outlier features", "",
+                    "- model: `org/some-moe` (qwen3_moe, bfloat16)",
+                    "- data: `corpus.jsonl`, 4 x 6 tokens",
+                    "- run made: 2026-11-28T12:00:00+00:00"]
+    page = (path / "report.html").read_text()
+    assert "<title>Outlier features: org/some-moe</title>" in page and "corpus.jsonl, 4 x 6 tokens" in page
+
+
 def test_feature_table_formats_rows_and_empty_tables():
     row = {"dim": 4, "max_abs": 12.345, "layer_fraction": 0.5, "token_fraction": 0.0625}
     row["occurrences"] = 9
