@@ -17,7 +17,8 @@ import torch
 
 from actors.families import FamilyError, family_of, site_modules
 from actors.layers import inner_model
-from actors.shard import DTYPES, ModelLoadError, causal_lm_class, dequantize_kwargs, has_experts, text_config
+from actors.shard import DTYPES, causal_lm_class, dequantize_kwargs, has_experts, text_config
+from common.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def checkpoint_dtype(model_path: str, config) -> str:
         dtype = _first_float_dtype(model_path)
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES:
-        raise ModelLoadError(
+        raise ModelError(
             f"{model_path}: the checkpoint's dtype is {name}; set model.dtype to one of {sorted(DTYPES)}."
         )
     return name
@@ -66,7 +67,7 @@ def anatomy(model_path: str, config, dtype: str = "auto", experts_implementation
     text = text_config(config)
     family = family_of(text.model_type)
     if family.refuse:
-        raise ModelLoadError(f"model_type={text.model_type!r} ({family.name}) is not supported: {family.refuse}")
+        raise ModelError(f"model_type={text.model_type!r} ({family.name}) is not supported: {family.refuse}")
     quantization = _quant_method(config)
     dequantize_kwargs(config)  # refuses what cannot be dequantized
     if quantization == "fp8":
@@ -74,7 +75,7 @@ def anatomy(model_path: str, config, dtype: str = "auto", experts_implementation
     resolved = checkpoint_dtype(model_path, config) if dtype == "auto" else dtype
     experts = has_experts(config)
     if experts_implementation and not experts:
-        raise ModelLoadError(
+        raise ModelError(
             f"model.experts_implementation={experts_implementation!r}, but {config.model_type!r} "
             "has no experts kernel to choose; leave model.experts_implementation empty."
         )
@@ -85,7 +86,7 @@ def anatomy(model_path: str, config, dtype: str = "auto", experts_implementation
         inner = None
     layers = getattr(inner, family.layers, None)
     if layers is None:
-        raise ModelLoadError(
+        raise ModelError(
             f"model_type={config.model_type!r}: {type(model).__name__} has no "
             f"{family.inner}.{family.layers}; map its decoder in actors/families.py:FAMILIES."
         )
@@ -93,7 +94,7 @@ def anatomy(model_path: str, config, dtype: str = "auto", experts_implementation
         for index, layer in enumerate(layers):
             site_modules(family, layer, index, text.model_type)
     except FamilyError as err:
-        raise ModelLoadError(str(err)) from None
+        raise ModelError(str(err)) from None
     layer_bytes = tuple(_bytes(layer) for layer in layers)
     embed_bytes = _bytes(getattr(inner, family.embed, None))
     placed = {id(p) for part in (layers, getattr(inner, family.embed, None), getattr(inner, family.norm, None),
@@ -127,7 +128,7 @@ def _check_fp8_tiles(model_path: str, config) -> None:
         for name, meta in _header(path).items():
             shape = meta.get("shape", []) if name != "__metadata__" else []
             if meta.get("dtype") in _FP8 and len(shape) == 2 and (shape[0] % block[0] or shape[1] % block[1]):
-                raise ModelLoadError(
+                raise ModelError(
                     f"the checkpoint is quantized with 'fp8' in {block[0]}x{block[1]} tiles, and {name} "
                     f"{shape} ends in a partial tile, which transformers dequantizes wrongly; give the "
                     "bf16 weights (e.g. a copy converted with the model's own fp8-to-bf16 script)."
@@ -151,7 +152,7 @@ def _meta_model(config, text, dtype: torch.dtype):
         try:
             return cls._from_config(plain, dtype=dtype)
         except Exception as err:  # noqa: BLE001 - any family's constructor
-            raise ModelLoadError(
+            raise ModelError(
                 f"model_type={config.model_type!r}: transformers could not build the model from its "
                 f"config ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
             ) from None

@@ -14,10 +14,12 @@ import torch
 from torch import nn
 
 from actors.families import SITES, Family, site_modules
+from common.errors import ModelError
 
 
-class CaptureError(RuntimeError):
-    """A site was missed, seen twice, or changed in place by the model after capture."""
+class CaptureError(ModelError):
+    """A site was missed, seen twice, or changed in place by the model after capture: a family
+    this capture does not understand."""
 
 
 class Capture:

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
+from common.errors import ModelError
+
 SITES = {"ln_attn": "attention", "ln_mlp": "mlp"}  # site -> role
 
 
-class FamilyError(ValueError):
+class FamilyError(ModelError):
     """A family whose layers cannot be captured; the message names it and what is missing."""
 
 

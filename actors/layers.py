@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from actors.families import Family
+from common.errors import ModelError
 
 State = tuple  # the leading positional arguments of a decoder layer: tensors (or None)
 
@@ -35,7 +36,7 @@ class _Leave(BaseException):
         self.state = state
 
 
-class HandoffError(RuntimeError):
+class HandoffError(ModelError):
     """The family's layers depend on more than the state a stage hands on."""
 
 

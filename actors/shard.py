@@ -20,14 +20,11 @@ from torch import nn
 
 from actors.families import Family, family_of
 from actors.layers import carried, inner_model
+from common.errors import ModelError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Quantized releases a stage loads dequantized: quant_method -> transformers config class.
 DEQUANTIZABLE = {"fp8": "FineGrainedFP8Config", "mxfp4": "Mxfp4Config"}
-
-
-class ModelLoadError(ValueError):
-    """A checkpoint that cannot be used, with a message saying how to fix it."""
 
 
 def _plain_attributes(module: nn.Module) -> dict:
@@ -106,7 +103,7 @@ def load_config(model_path: str):
     try:
         return AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(
+        raise ModelError(
             f"model.path={model_path!r} could not be loaded: {first_line(err)}. "
             "Give a local checkpoint directory (with config.json and *.safetensors), "
             "or a Hugging Face id that is cached locally or reachable over the network."
@@ -125,7 +122,7 @@ def causal_lm_class(config):
     try:
         return AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:
-        raise ModelLoadError(
+        raise ModelError(
             f"model_type={config.model_type!r} has no causal-LM class in transformers; "
             "pick a decoder-only checkpoint."
         ) from None
@@ -189,13 +186,13 @@ def load_shard(spec: ShardSpec, device: str | torch.device = "cpu") -> nn.Module
     config = load_config(spec.model_path)
     n = text_config(config).num_hidden_layers
     if spec.layers.start < 0 or spec.layers.stop > n or len(spec.layers) == 0:
-        raise ModelLoadError(f"layers {spec.layers} outside the model's {n} layers")
+        raise ModelError(f"layers {spec.layers} outside the model's {n} layers")
     family = family_of(text_config(config).model_type)
     cls = shard_class(causal_lm_class(config), family, spec.layers, keep_embeddings=spec.layers.start == 0)
     model, info = cls.from_pretrained(spec.model_path, output_loading_info=True, **load_kwargs(
         config, spec.dtype, spec.experts_implementation, spec.attn_implementation))
     if info["missing_keys"]:
-        raise ModelLoadError(
+        raise ModelError(
             f"{spec.model_path}: checkpoint lacks {sorted(info['missing_keys'])[:5]} for layers "
             f"{spec.layers.start}-{spec.layers.stop - 1}; is it complete?"
         )
@@ -218,14 +215,14 @@ def load_kwargs(config, dtype: str, experts_implementation: str | None = None,
 
 
 def dequantize_kwargs(config) -> dict:
-    """`quantization_config` that loads a quantized release dequantized, or ModelLoadError."""
+    """`quantization_config` that loads a quantized release dequantized, or ModelError."""
     quantized = getattr(config, "quantization_config", None)
     if not quantized:
         return {}
     method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized.quant_method
     method = getattr(method, "value", method)
     if method not in DEQUANTIZABLE:
-        raise ModelLoadError(
+        raise ModelError(
             f"the checkpoint is quantized with {method!r}, which a stage cannot dequantize; outliers "
             "are measured on the model's own weights: give the unquantized (bf16) release, or one "
             f"quantized with {sorted(DEQUANTIZABLE)} (loaded dequantized)."
@@ -267,7 +264,7 @@ def checkpoint_dir(model_path: str) -> str:
     if Path(model_path).expanduser().is_dir():
         return str(Path(model_path).expanduser().resolve())
     if model_path.startswith(("/", ".", "~")) or Path(model_path).exists():
-        raise ModelLoadError(
+        raise ModelError(
             f"model.path={model_path!r}: no checkpoint directory there. Give a directory holding "
             "config.json and *.safetensors, or a Hugging Face id like 'allenai/OLMoE-1B-7B-0924'."
         )
@@ -276,7 +273,7 @@ def checkpoint_dir(model_path: str) -> str:
     try:
         return snapshot_download(model_path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
     except Exception as err:  # hub errors come in many classes
-        raise ModelLoadError(
+        raise ModelError(
             f"model.path={model_path!r} is not a local directory and could not be fetched from "
             f"the Hugging Face hub ({first_line(err)}). Without network access, download it "
             "elsewhere and pass the local checkpoint directory."

@@ -12,6 +12,7 @@ own, so the results equal a single-process forward bit for bit.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -26,6 +27,8 @@ from actors.layers import HandoffError, LayerSlice, inner_model, same_state
 from actors.metrics import StageMetrics
 from actors.shard import ShardSpec, load_shard
 from actors.writer import BackgroundWriter, MicroBatch, make_writer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -197,8 +200,8 @@ class StageActor:
                 raise
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            print(f"stage-{self.spec.index}: out of memory on micro-batch {batch.index} "
-                  f"({len(batch.seqs)} sequences); running it in halves", flush=True)
+            log.warning("out of memory on micro-batch %d (%d sequences); running it in halves",
+                        batch.index, len(batch.seqs))
             cut = len(batch.seqs) // 2
             parts = [self.run_split(batch.rows(rows)) for rows in (slice(0, cut), slice(cut, None))]
             captured = {key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1]}
@@ -208,6 +211,15 @@ class StageActor:
         """Block until every submitted micro-batch is written; returns those not yet reported."""
         written = self.writer.flush()
         self._observe(0, 0.0, written)
+        return written
+
+    def close(self) -> list[int]:
+        """Write what is queued, stop the writer and take the hooks out; returns the micro-batches
+        written since last reported."""
+        written = self.flush()
+        self.writer.close()
+        self.capture.remove()
+        self.slice.remove()
         return written
 
     def _observe(self, tokens: int, busy_s: float, written: list[int]) -> None:

@@ -1,14 +1,13 @@
 """Turn one micro-batch's captured activations into Parquet tables, off the critical path.
 
-Layout (hive-partitioned, one file per micro-batch and layer-site):
-    RUN/activations/layer=<L>/site=<S>/mb-<index>.parquet
+Dense mode writes one table per micro-batch and layer-site (where: common.layout):
     columns: seq int64, pos int32, token_id int32, act fixed_size_list<float>[hidden]
 
 Exceedance mode (`storage.mode: exceedances`) writes, per micro-batch and stage (layers
 a..b), only the entries with |x| >= floor as one long table, and summary statistics of
 every entry, per (layer, site, dim):
-    RUN/exceedances/layers=<a>-<b>/mb-<index>.parquet  layer, site, seq, pos, dim, value float32
-    RUN/stats/layers=<a>-<b>/mb-<index>.parquet        layer, site, dim, count, max_abs, sum, sum_sq
+    exceedances  layer, site, seq, pos, dim, value float32
+    stats        layer, site, dim, count, max_abs, sum, sum_sq
 
 Padding positions are never written. Encoding of `act` is lossless:
 float32 models store float32. bfloat16 models store float16 when every value of the
@@ -27,7 +26,25 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors import storage
+from common import files
+from common.config import choice
+from common.layout import EXCEEDANCES, STATS, RunLayout
+from common.threshold import float32_bar
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """The `storage:` config section: where a run's tables go, and which."""
+
+    output: str = "runs/latest"
+    """Run directory: a local path or a pyarrow filesystem URI (s3://..., gs://...)."""
+    mode: str = "dense"
+    """dense: every activation; exceedances: entries with |x| >= floor plus per-dim stats."""
+    floor: float = 3.0
+    """Smallest |x| kept in exceedances mode; analysis thresholds must be >= floor."""
+
+    def __post_init__(self):
+        choice("storage.mode", self.mode, ["dense", "exceedances"])
 
 
 @dataclass
@@ -75,11 +92,6 @@ def from_wire(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tens
     return torch.from_numpy(raw).view(getattr(torch, dtype)).reshape(shape)
 
 
-def part_path(root: str, layer: int, site: str, index: int) -> str:
-    """Where a dense layer-site of micro-batch `index` is written."""
-    return f"{root}/activations/layer={layer}/site={site}/{storage.batch_file(index)}"
-
-
 def valid_rows(acts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The non-padding rows of `acts` # [batch, seq, hidden] -> [rows, hidden], on its device."""
     if bool(keep.all()):
@@ -113,7 +125,7 @@ class ActivationWriter:
     """Writes the dense activation tables of one stage's micro-batches."""
 
     def __init__(self, output: str):
-        self.fs, self.root = storage.resolve(output)
+        self.layout = RunLayout.of(output)
         self.bytes_written = 0
 
     def write(self, batch: MicroBatch, captured: dict[tuple[int, str], torch.Tensor]) -> None:
@@ -131,8 +143,8 @@ class ActivationWriter:
             table = pa.table({**columns, "act": act}).replace_schema_metadata(
                 {"encoding": encoding, "model_dtype": str(acts.dtype).removeprefix("torch.")}
             )
-            path = part_path(self.root, layer, site, batch.index)
-            self.bytes_written += storage.write_table(self.fs, path, table, **DENSE_OPTIONS)
+            path = self.layout.dense(layer, site, batch.index)
+            self.bytes_written += files.write_table(self.layout.fs, path, table, **DENSE_OPTIONS)
 
 
 class ExceedanceWriter:
@@ -148,9 +160,8 @@ class ExceedanceWriter:
     CHUNK = 1 << 24  # float32 elements selected at once (64 MiB): bounds the device memory used
 
     def __init__(self, output: str, floor: float):
-        self.fs, self.root = storage.resolve(output)
-        self.floor = floor
-        self.bar = float(storage.float32_bar(floor))
+        self.layout = RunLayout.of(output)
+        self.bar = float(float32_bar(floor))
         self.bytes_written = 0
 
     def write(self, batch: MicroBatch, captured: dict[tuple[int, str], torch.Tensor]) -> None:
@@ -163,12 +174,12 @@ class ExceedanceWriter:
             part_kept, part_stats = self.select(torch.stack([valid_rows(captured[k], keep) for k in group]))
             kept.append(_tagged(part_kept, group, seq, pos))
             stats.append(_tagged_stats(part_stats, group))
-        folder = stage_folder(keys)
-        path = f"{self.root}/exceedances/{folder}/{storage.batch_file(batch.index)}"
-        self.bytes_written += storage.write_table(self.fs, path, pa.concat_tables(kept))
+        layers = range(min(k[0] for k in keys), max(k[0] for k in keys) + 1)
+        path = self.layout.stage_table(EXCEEDANCES, layers, batch.index)
+        self.bytes_written += files.write_table(self.layout.fs, path, pa.concat_tables(kept))
         # NOTE: stats last: a stats file is what marks the micro-batch's layer-sites as present.
-        path = f"{self.root}/stats/{folder}/{storage.batch_file(batch.index)}"
-        self.bytes_written += storage.write_table(self.fs, path, pa.concat_tables(stats))
+        path = self.layout.stage_table(STATS, layers, batch.index)
+        self.bytes_written += files.write_table(self.layout.fs, path, pa.concat_tables(stats))
 
     def select(self, acts: torch.Tensor) -> tuple[tuple, dict]:
         """Entries >= floor as (site, token, dim, value), and per-(site, dim) stats of
@@ -194,12 +205,6 @@ def chunks(keys: list, size: int) -> list[list]:
     """`keys` in consecutive groups of at most `size` (at least 1)."""
     size = max(1, size)
     return [keys[i:i + size] for i in range(0, len(keys), size)]
-
-
-def stage_folder(keys: list[tuple[int, str]]) -> str:
-    """`layers=<first>-<last>`: the stage's own folder, so stages never write the same file."""
-    layers = [layer for layer, _ in keys]
-    return f"layers={min(layers)}-{max(layers)}"
 
 
 def _key_columns(group: list[tuple[int, str]], index: np.ndarray) -> dict:
@@ -232,12 +237,9 @@ def _tagged_stats(stats: dict, group: list) -> pa.Table:
 
 
 def make_writer(output: str, mode: str = "dense", floor: float = 3.0):
-    """The writer for `storage.mode`: dense activations or exceedances plus stats."""
-    if mode == "exceedances":
-        return ExceedanceWriter(output, floor)
-    if mode == "dense":
-        return ActivationWriter(output)
-    raise ValueError(f"storage.mode={mode!r}: choose one of ['dense', 'exceedances'].")
+    """The writer for `storage.mode` (checked by StorageConfig): dense activations, or
+    exceedances plus stats."""
+    return ExceedanceWriter(output, floor) if mode == "exceedances" else ActivationWriter(output)
 
 
 class BackgroundWriter:

@@ -1,10 +1,11 @@
 """Re-analyse a finished run without re-extracting: `python -m analysis RUN [flags]`.
 
-`python -m analysis compare RUN1 RUN2 ...` tabulates and plots several runs (analysis/compare.py).
+`python -m analysis compare RUN1 RUN2 ...` tabulates and plots several runs (analysis.compare).
 
-Criteria default to the run config's `analysis:` section (run.json); flags override them.
-Prints the outlier feature table and writes the outputs into RUN (see analysis/report.py).
-Exit codes: 0 done, 2 the run or the flags cannot be used (one line on stderr says why).
+Criteria default to the run config's `analysis:` section (the run record); flags override them.
+Prints the outlier feature table and writes the outputs into RUN (analysis.report).
+Exit codes: 0 done, 2 the run or the flags cannot be used (one line on stderr says why),
+1 a bug (with its traceback).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import warnings
 
 from analysis import analyse, feature_table, run_criteria
 from analysis.criteria import LAYER_UNITS
-from analysis.scan import RunError, read_run
+from common import logs
+from common.errors import UserError, report
+from common.layout import RunLayout
+from common.record import read_record
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -29,6 +32,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--allow-partial", action="store_true", help="skip unreadable files with a warning"
     )
+    logs.add_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -39,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return compare(argv[1:])
     args = parse(argv)
-    warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
+    logs.configure(args.log_level, args.quiet)
     try:
-        criteria = run_criteria(read_run(args.run))
+        criteria = run_criteria(read_record(RunLayout.of(args.run)))
         flags = {
             "threshold": args.threshold,
             "min_layer_fraction": args.min_layer_fraction,
@@ -51,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         given = {k: v for k, v in flags.items() if v is not None}
         criteria = dataclasses.replace(criteria, **given)
         summary = analyse(args.run, criteria, allow_partial=args.allow_partial)
-    except (RunError, ValueError, OSError) as err:  # OSError: e.g. a read-only run dir
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err)
     features = summary["outlier_features"]
     print(f"{len(features)} outlier features in {args.run} ({summary['seconds']['total']:.1f} s)")
     print(feature_table(features))

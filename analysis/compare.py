@@ -1,6 +1,6 @@
 """One table and one plot across analysed runs: `python -m analysis compare RUN1 RUN2 ... [--output DIR]`.
 
-Each RUN is an analysed run directory (local path or URI). Writes, into DIR:
+Each RUN is an analysed run directory (local path or URI). Writes, into DIR (its own layout):
 
     compare.md    one row per run: model, layers, hidden, tokens, features, max abs, top dims
     compare.csv   the same rows
@@ -13,46 +13,43 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import polars as pl
 
-from actors.storage import resolve
 from analysis import plots
-from analysis.report import _write_text
-from analysis.scan import RunError, read_run
+from common import files, logs
+from common.errors import UserError, report
+from common.layout import RunLayout
+from common.record import RunRecord, read_record
 
 COLUMNS = ["run", "model", "layers", "hidden", "tokens", "outlier features", "systematic",
            "probabilistic", "max abs", "top dims"]
 
 
-def load(run_dir: str) -> tuple[dict, dict, pl.DataFrame]:
-    """(run.json, summary.json, layer profile) of one analysed run."""
-    info = read_run(run_dir)
-    fs, root = resolve(run_dir)
-    paths = [f"{root}/analysis/summary.json", f"{root}/analysis/layer_profile.parquet"]
-    if any(fs.get_file_info(p).type.name == "NotFound" for p in paths):
+def load(run_dir: str) -> tuple[RunRecord, dict, pl.DataFrame]:
+    """(record, summary, layer profile) of one analysed run; analysed first if it never was."""
+    layout = RunLayout.of(run_dir)
+    record = read_record(layout)
+    if not all(files.exists(layout.fs, p) for p in (layout.summary, layout.profile)):
         from analysis import analyse
 
         analyse(run_dir)
-    with fs.open_input_stream(paths[0]) as stream:
-        summary = json.loads(stream.read())
-    with fs.open_input_file(paths[1]) as handle:
+    summary = json.loads(files.read_bytes(layout.fs, layout.summary))
+    with layout.fs.open_input_file(layout.profile) as handle:
         profile = pl.read_parquet(handle)
-    return info, summary, profile
+    return record, summary, profile
 
 
-def label(info: dict, run_dir: str) -> str:
+def label(record: RunRecord, run_dir: str) -> str:
     """A short name for the run: the model id, else the run directory's last part."""
-    model = (info.get("config") or {}).get("model") or {}
-    return model.get("path") or run_dir.rstrip("/").split("?")[0].rsplit("/", 1)[-1]
+    return record.section("model").get("path") or run_dir.rstrip("/").split("?")[0].rsplit("/", 1)[-1]
 
 
-def row(run_dir: str, info: dict, summary: dict, profile: pl.DataFrame) -> dict:
+def row(run_dir: str, record: RunRecord, summary: dict, profile: pl.DataFrame) -> dict:
     features = summary["outlier_features"]
     top = sorted(features, key=lambda f: -f["max_abs"])[:3]
     return dict(zip(COLUMNS, [
-        run_dir, label(info, run_dir), summary["num_layers"], summary["hidden_size"],
+        run_dir, label(record, run_dir), summary["num_layers"], summary["hidden_size"],
         summary["tokens"], summary["num_outlier_features"],
         summary["by_classification"].get("systematic", 0),
         summary["by_classification"].get("probabilistic", 0),
@@ -69,16 +66,14 @@ def markdown(rows: list[dict]) -> str:
 def compare(runs: list[str], output: str) -> list[dict]:
     """Build and write the comparison; returns its rows."""
     loaded = [(run, *load(run)) for run in runs]
-    rows = [row(run, info, summary, profile) for run, info, summary, profile in loaded]
+    rows = [row(run, record, summary, profile) for run, record, summary, profile in loaded]
     names = _unique([r["model"] for r in rows])
     figure = plots.compare({name: profile for name, (*_, profile) in zip(names, loaded)})
-    fs, root = resolve(output)
-    fs.create_dir(root, recursive=True)
-    _write_text(fs, f"{root}/compare.md", "# Outlier features across runs\n\n" + markdown(rows)
-                + "\n![max and median |x| per layer](compare.png)\n")
-    _write_text(fs, f"{root}/compare.csv", pl.DataFrame(rows).write_csv())
-    with fs.open_output_stream(f"{root}/compare.png") as out:
-        out.write(figure)
+    fs, root = files.resolve(output)
+    files.write_text(fs, f"{root}/compare.md", "# Outlier features across runs\n\n" + markdown(rows)
+                     + "\n![max and median |x| per layer](compare.png)\n")
+    files.write_text(fs, f"{root}/compare.csv", pl.DataFrame(rows).write_csv())
+    files.write_bytes(fs, f"{root}/compare.png", figure)
     return rows
 
 
@@ -97,12 +92,13 @@ def main(argv: list[str]) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="analysed run directories or URIs")
     parser.add_argument("--output", default="compare", help="where compare.md/.csv/.png go")
+    logs.add_flags(parser)
     args = parser.parse_args(argv)
+    logs.configure(args.log_level, args.quiet)
     try:
         rows = compare(args.runs, args.output)
-    except (RunError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:
+        return report(err)
     print(markdown(rows))
     print(f"written: {args.output}/compare.md, compare.csv, compare.png")
     return 0

@@ -1,6 +1,6 @@
 """Which hidden dims are outlier features: per-dim statistics and the LLM.int8() criteria.
 
-Everything here is a pure function of two tables a scan produces (see `analysis/scan.py`):
+Everything here is a pure function of two tables a scan produces (see analysis.scan):
 
 - exceedances: one row per (layer, site, seq, pos, dim) entry with |value| >= threshold;
 - stats: one row per (layer, site, dim) with `max_abs` over every captured entry.
@@ -16,14 +16,15 @@ from dataclasses import dataclass, fields
 
 import polars as pl
 
+from common.errors import ConfigError
+
 LAYER_UNITS = ["layer", "site"]
 SITES_PER_LAYER = 2  # ln_attn and ln_mlp: the denominator of site_fraction is 2L
-CONFIG_ONLY_KEYS = {"num_actors"}  # analysis settings that are not criteria (see from_dict)
 
 
 @dataclass(frozen=True)
 class Criteria:
-    """The `analysis:` section of the run config: when a hidden dim is an outlier feature.
+    """When a hidden dim is an outlier feature (the `analysis:` config section holds these).
 
     A dim is an outlier feature when all three hold:
       max_abs >= threshold, layer share >= min_layer_fraction, token_fraction >= min_token_fraction.
@@ -55,7 +56,7 @@ class Criteria:
     def __post_init__(self):
         number = self.threshold
         if not _is_number(number) or not math.isfinite(number) or number <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"analysis.threshold={number!r}: choose a finite number > 0 (LLM.int8() uses 6.0)"
             )
         for name in (
@@ -66,25 +67,11 @@ class Criteria:
         ):
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value <= 1:
-                raise ValueError(f"analysis.{name}={value!r}: choose a fraction in [0, 1]")
+                raise ConfigError(f"analysis.{name}={value!r}: choose a fraction in [0, 1]")
         if self.layer_unit not in LAYER_UNITS:
-            raise ValueError(
+            raise ConfigError(
                 f"analysis.layer_unit={self.layer_unit!r}: choose one of {LAYER_UNITS}"
             )
-
-    @classmethod
-    def from_dict(cls, section: dict | None) -> "Criteria":
-        """Criteria from the config's `analysis:` section; missing keys take the defaults.
-
-        `num_actors` belongs to the same section but says how to run, not what to find:
-        it is accepted and ignored here, and the caller passes it to `analyse(num_actors=)`.
-        """
-        section = dict(section or {})
-        valid = sorted(CONFIG_ONLY_KEYS | {f.name for f in fields(cls)})
-        unknown = sorted(set(section) - set(valid))
-        if unknown:
-            raise ValueError(f"analysis: unknown keys {unknown}; valid keys are {valid}")
-        return cls(**{k: v for k, v in section.items() if k not in CONFIG_ONLY_KEYS})
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -116,7 +103,7 @@ def feature_stats(
     """
     for name, value in (("num_layers", num_layers), ("tokens", tokens), ("seq_len", seq_len)):
         if value <= 0:
-            raise ValueError(f"{name}={value}: must be > 0 to form fractions; check run.json.")
+            raise ValueError(f"{name}={value}: must be > 0 to form fractions; check the run record.")
     where = (
         exceedances.lazy()
         .group_by("dim")

@@ -1,12 +1,13 @@
-"""The report people look at: RUN/report.html (self-contained) and plots under RUN/analysis/plots/.
+"""The report people look at: report.html (self-contained), the plots as PNG files, and
+report.md with links to them (paths in common.layout).
 
-    RUN/report.html                       facts, criteria, outlier table, the four plots (embedded)
-    RUN/report.md                         report.md of analysis/report.py plus links to the plots
-    RUN/analysis/plots/<name>.png         the same plots, for papers and notebooks
-    RUN/analysis/layer_profile.parquet    per layer: top1..top3 max |x|, top1 dim, median |x|
-                                          (what `python -m analysis compare` plots across runs)
+    report.html     facts, criteria, outlier table, the four plots (embedded)
+    report.md       the markdown of analysis.report plus links to the plots
+    plots           the same plots, for papers and notebooks
+    layer profile   per layer: top1..top3 max |x|, top1 dim, median |x|
+                    (what `python -m analysis compare` plots across runs)
 
-Every number in the HTML is formatted from the summary dict that summary.json holds.
+Every number in the HTML is formatted from the summary dict the summary file holds.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import html
 
 import polars as pl
 
-from actors.storage import resolve, write_table
 from analysis import plots
 from analysis.profile import layer_maxima, layer_profile, top_dims
-from analysis.report import _ranges, _write_text, markdown
+from analysis.report import _ranges, markdown
+from common import files
+from common.layout import RunLayout
 
 TITLES = {
     "heatmap": "max |x| per layer and dim",
@@ -45,26 +47,17 @@ def figures(summary: dict, per_dim: pl.DataFrame, stats: pl.DataFrame,
     }
 
 
-def write_visual_report(run_dir: str, summary: dict, per_dim: pl.DataFrame, stats: pl.DataFrame,
-                        medians: pl.DataFrame | None) -> list[str]:
-    """Write plots, layer profile, report.html and report.md with plot links; returns paths."""
-    fs, root = resolve(str(run_dir))
+def write_visual_report(layout: RunLayout, summary: dict, per_dim: pl.DataFrame, stats: pl.DataFrame,
+                        medians: pl.DataFrame | None) -> None:
+    """Write the layer profile, the plots, report.html and report.md with plot links."""
     profile = layer_profile(stats, medians)
+    files.write_table(layout.fs, layout.profile, profile.to_arrow())
     images = figures(summary, per_dim, stats, profile)
-    paths = []
     for name, png in images.items():
-        paths.append(f"{root}/analysis/plots/{name}.png")
-        fs.create_dir(f"{root}/analysis/plots", recursive=True)
-        with fs.open_output_stream(paths[-1]) as out:
-            out.write(png)
-    paths.append(f"{root}/analysis/layer_profile.parquet")
-    write_table(fs, paths[-1], profile.to_arrow())
-    paths.append(f"{root}/report.html")
-    _write_text(fs, paths[-1], page(summary, images))
-    paths.append(f"{root}/report.md")
-    links = "\n".join(f"![{TITLES[n]}](analysis/plots/{n}.png)\n" for n in images)
-    _write_text(fs, paths[-1], markdown(summary) + "\n## Plots\n\n" + links)
-    return paths
+        files.write_bytes(layout.fs, layout.plot(name), png)
+    files.write_text(layout.fs, layout.report("html"), page(summary, images))
+    links = "\n".join(f"![{TITLES[n]}]({layout.plot_link(n)})\n" for n in images)
+    files.write_text(layout.fs, layout.report("md"), markdown(summary) + "\n## Plots\n\n" + links)
 
 
 def feature_rows(summary: dict) -> list[list[str]]:

@@ -1,6 +1,6 @@
 """The report's figures as PNG bytes (matplotlib's Agg renderer; no display, no pyplot state).
 
-Each function takes the tables of `analysis/profile.py` (or `feature_stats`) and returns
+Each function takes the tables of analysis.profile (or `feature_stats`) and returns
 one PNG. Figures are built with `matplotlib.figure.Figure` directly, so importing this
 module never changes the backend of a notebook that imports it.
 """

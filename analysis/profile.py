@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from actors.storage import resolve
+from common.layout import RunLayout
+from common.record import RunRecord
 
 TOP_K = 3
 
@@ -52,15 +52,14 @@ def layer_profile(stats: pl.DataFrame, medians: pl.DataFrame | None) -> pl.DataF
     )
 
 
-def median_abs(run_dir: str, info: dict, partitions: list[tuple[int, str]],
+def median_abs(layout: RunLayout, record: RunRecord, partitions: list[tuple[int, str]],
                max_rows: int = 4096) -> pl.DataFrame | None:
     """Median |x| per layer over a sample of its dense activations; None for exceedance runs."""
-    if info.get("storage_mode", "dense") != "dense":
+    if record.storage_mode != "dense":
         return None
-    fs, root = resolve(str(run_dir))
     samples: dict[int, list[np.ndarray]] = {}
     for layer, site in partitions:
-        if (values := _sample(fs, f"{root}/activations/layer={layer}/site={site}", max_rows)) is not None:
+        if (values := _sample(layout, layer, site, max_rows)) is not None:
             samples.setdefault(layer, []).append(values)
     layers = sorted(samples)
     return pl.DataFrame(
@@ -71,14 +70,13 @@ def median_abs(run_dir: str, info: dict, partitions: list[tuple[int, str]],
     )
 
 
-def _sample(fs: pafs.FileSystem, base: str, max_rows: int) -> np.ndarray | None:
+def _sample(layout: RunLayout, layer: int, site: str, max_rows: int) -> np.ndarray | None:
     """Up to `max_rows` tokens of the partition's first file, flattened to float32 values."""
-    entries = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    files = sorted(e.path for e in entries if e.path.endswith(".parquet"))
-    if not files:
+    paths = layout.partition_files(layer, site)
+    if not paths:
         return None
     try:
-        act = pq.read_table(files[0], columns=["act"], filesystem=fs)["act"].combine_chunks()
+        act = pq.read_table(paths[0], columns=["act"], filesystem=layout.fs)["act"].combine_chunks()
     except Exception:  # NOTE: a plot must not fail a run the scan could analyse (allow_partial)
         return None
     act = act.slice(0, max_rows)

@@ -1,19 +1,18 @@
-"""The analysis outputs: summary.json, outlier_features.parquet, report.md, the printed table.
+"""The analysis outputs: the summary, the feature table, report.md, the printed table.
 
-All of them sit in the run directory (local path or pyarrow URI):
-
-    RUN/analysis/summary.json              criteria, run facts, timings, outlier features by dim
-    RUN/analysis/outlier_features.parquet  the same features as a table
-    RUN/report.md                          criteria and the features, for people
+All of them sit in the run directory (common.layout): the summary holds the criteria, run
+facts, timings and the outlier features by dim; the feature table the same features as
+Parquet; report.md the criteria and the features, for people.
 """
 
 from __future__ import annotations
 
 import polars as pl
-import pyarrow.fs as pafs
 
-from actors.storage import resolve, write_json, write_table
 from analysis.criteria import Criteria
+from common import files
+from common.layout import RunLayout
+from common.record import RunRecord
 
 CLASSES = ("systematic", "probabilistic")
 FEATURE_KEYS = [
@@ -29,17 +28,17 @@ FEATURE_KEYS = [
 ]
 
 
-def build_summary(info: dict, criteria: Criteria, features: pl.DataFrame, **extra) -> dict:
-    """The summary.json content; `extra` adds run facts such as timings and skipped files."""
+def build_summary(record: RunRecord, criteria: Criteria, features: pl.DataFrame, **extra) -> dict:
+    """The summary's content; `extra` adds run facts such as timings and skipped files."""
     rows = features.select(FEATURE_KEYS).sort("dim").to_dicts()
     kinds = [row["classification"] for row in rows]
     return {
-        "run": run_facts(info),
+        "run": run_facts(record),
         "criteria": criteria.as_dict(),
-        "num_layers": info["num_layers"],
-        "hidden_size": info["hidden_size"],
-        "tokens": info["tokens"],
-        "storage_mode": info["storage_mode"],
+        "num_layers": record.num_layers,
+        "hidden_size": record.hidden_size,
+        "tokens": record.tokens,
+        "storage_mode": record.storage_mode,
         "num_outlier_features": len(rows),
         "by_classification": {kind: kinds.count(kind) for kind in CLASSES},
         **extra,
@@ -47,21 +46,20 @@ def build_summary(info: dict, criteria: Criteria, features: pl.DataFrame, **extr
     }
 
 
-def run_facts(info: dict) -> dict:
+def run_facts(record: RunRecord) -> dict:
     """What tells two reports apart: the model, the data and when the run was made."""
-    config = info.get("config") or {}
-    model, data = config.get("model") or {}, config.get("data") or {}
+    model, data = record.section("model"), record.section("data")
     tiny = model.get("tiny")
     name = model.get("path") or (f"tiny {tiny.get('arch')} (seed {tiny.get('seed')})" if tiny else None)
     return {
-        "model": name or info.get("model_path"),
-        "model_type": info.get("model_type"),
-        "dtype": info.get("dtype"),
+        "model": name or record.model_path,
+        "model_type": record.model_type,
+        "dtype": record.dtype,
         "data": data.get("source"),
         "split": data.get("split"),
-        "sequences": info.get("num_sequences", data.get("num_sequences")),
-        "seq_len": info.get("seq_len", data.get("seq_len")),
-        "created": info.get("created"),
+        "sequences": record.num_sequences or data.get("num_sequences"),
+        "seq_len": record.seq_len or data.get("seq_len"),
+        "created": record.created,
     }
 
 
@@ -128,7 +126,7 @@ def markdown(summary: dict) -> str:
         )
     if summary.get("skipped_files"):
         skipped = len(summary["skipped_files"])
-        lines += ["", f"Skipped unreadable files: {skipped} (listed in summary.json)."]
+        lines += ["", f"Skipped unreadable files: {skipped} (listed in the summary)."]
     return "\n".join(lines) + "\n"
 
 
@@ -143,20 +141,8 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def write_outputs(run_dir: str, summary: dict, features: pl.DataFrame) -> list[str]:
-    """Write the three output files (each atomically); returns their paths."""
-    fs, root = resolve(str(run_dir))
-    paths = [f"{root}/analysis/summary.json", f"{root}/analysis/outlier_features.parquet"]
-    write_json(fs, paths[0], summary)
-    write_table(fs, paths[1], features.select(FEATURE_KEYS).to_arrow())
-    paths.append(f"{root}/report.md")
-    _write_text(fs, paths[2], markdown(summary))
-    return paths
-
-
-def _write_text(fs: pafs.FileSystem, path: str, text: str) -> None:
-    # NOTE: write then move, as actors/storage.py does, so readers never see half a report.
-    staging = f"{path}.tmp"
-    with fs.open_output_stream(staging) as stream:
-        stream.write(text.encode())
-    fs.move(staging, path)
+def write_outputs(layout: RunLayout, summary: dict, features: pl.DataFrame) -> None:
+    """The summary and the feature table (each written atomically), then report.md."""
+    files.write_json(layout.fs, layout.summary, summary)
+    files.write_table(layout.fs, layout.features, features.select(FEATURE_KEYS).to_arrow())
+    files.write_text(layout.fs, layout.report("md"), markdown(summary))

@@ -1,35 +1,34 @@
 """Read a run's captured activations into the two tables the criteria work on.
 
-A run directory (a local path or a pyarrow filesystem URI such as s3://bucket/run) holds
-`run.json` and, per (layer, site), either dense activations or stored exceedances:
+A run (common.layout) holds, per (layer, site), either dense activations or, per stage and
+micro-batch, stored exceedances with per-dim statistics:
 
-    activations/layer=<L>/site=<S>/<part>.parquet   seq, pos, token_id, act[hidden]
-    exceedances/layers=<a>-<b>/<part>.parquet       layer, site, seq, pos, dim, value  (|value| >= floor)
-    stats/layers=<a>-<b>/<part>.parquet             layer, site, dim, count, max_abs, sum, sum_sq
+    dense:        seq, pos, token_id, act[hidden]
+    exceedances:  layer, site, seq, pos, dim, value  (|value| >= floor)
+    stats:        layer, site, dim, count, max_abs, sum, sum_sq
 
 `Scanner.scan` turns either layout into the same `Partial`: the exceedance table
 (layer, site, seq, pos, dim, value) at |value| >= threshold, and the stats table
 (layer, site, dim, max_abs, count). Dense runs are split among scanners by partition;
 stored runs, whose files each hold every layer-site of a stage, by file (`share`).
-No Ray here: `analysis/__init__.py` wraps it.
+No Ray here: `analysis.analyse` wraps it.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import warnings
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 import pyarrow.fs as pafs
 
-from actors.storage import float32_bar, resolve
+from common.errors import ConfigError, RunError
+from common.layout import EXCEEDANCES, STATS, RunLayout
+from common.record import RunRecord
+from common.threshold import float32_bar
 
-LAYOUTS = {"dense": "activations", "exceedances": "stats"}  # storage_mode -> dir naming partitions
-PARTITION = re.compile(r"layer=(\d+)/site=([^/]+)$")
+log = logging.getLogger(__name__)
 
 EXCEEDANCE_SCHEMA = {
     "layer": pl.Int32,
@@ -46,10 +45,6 @@ STATS_SCHEMA = {
     "max_abs": pl.Float64,
     "count": pl.Int64,  # entries with |x| >= threshold
 }
-
-
-class RunError(Exception):
-    """A run directory that cannot be analysed; the message names the problem and the fix."""
 
 
 @dataclass
@@ -80,85 +75,30 @@ def _concat(tables: list[pl.DataFrame], schema: dict) -> pl.DataFrame:
     return pl.concat(tables) if tables else pl.DataFrame(schema=schema)
 
 
-def read_run(run_dir: str | os.PathLike) -> dict:
-    """The run's `run.json`, checked for the keys the analysis needs."""
-    fs, root = resolve(os.fspath(run_dir))
-    path = f"{root}/run.json"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise RunError(
-            f"{run_dir}: no run.json. Pass the directory an extraction run wrote "
-            "(it holds run.json and activations/ or exceedances/)."
-        )
-    with fs.open_input_stream(path) as stream:
-        try:
-            info = json.loads(stream.read())
-        except json.JSONDecodeError as err:
-            raise RunError(f"{path}: not valid JSON ({err}); re-run extraction.") from None
-    missing = [k for k in ("num_layers", "hidden_size", "tokens") if k not in info]
-    mode = info.setdefault("storage_mode", "dense")
-    if missing:
-        raise RunError(f"{path}: lacks {missing}; the run did not finish. Re-run extraction.")
-    if mode not in LAYOUTS:
-        raise RunError(f"{path}: storage_mode={mode!r}; analysis reads one of {sorted(LAYOUTS)}.")
-    if mode == "exceedances" and info.get("floor") is None:
-        raise RunError(f"{path}: storage_mode='exceedances' needs 'floor'; re-run extraction.")
-    return info
-
-
-def seq_len(info: dict) -> int | None:
-    """The sequence length from the run config (`data.seq_len`), if recorded."""
-    return ((info.get("config") or {}).get("data") or {}).get("seq_len") or info.get("seq_len")
-
-
-def list_partitions(run_dir: str | os.PathLike, info: dict) -> list[tuple[int, str]]:
+def list_partitions(layout: RunLayout, record: RunRecord) -> list[tuple[int, str]]:
     """The (layer, site) partitions present on disk, sorted."""
-    fs, root = resolve(os.fspath(run_dir))
-    base = f"{root}/{LAYOUTS[info['storage_mode']]}"
-    if info["storage_mode"] == "dense":
-        # Two shallow listings, not one recursive one: a run can hold a file per micro-batch.
-        parts = {
-            (int(match[1]), match[2])
-            for layer_dir in _subdirs(fs, base)
-            for site_dir in _subdirs(fs, layer_dir)
-            if (match := PARTITION.search(site_dir))
-        }
+    if record.storage_mode == "dense":
+        parts = set(layout.dense_partitions())
     else:
         # NOTE: a stage writes all of its layer-sites into every file of its folder: one
-        # readable file per folder names them all.
-        parts = set().union(*(_stored_partitions(fs, stored_files(fs, base, folder))
-                              for folder in _subdirs(fs, base)))
+        # readable stats file per folder names them all.
+        parts = set().union(*(_stored_partitions(layout, layout.stage_files(STATS, folder))
+                              for folder in layout.stage_folders(STATS)))
     if not parts:
-        raise RunError(
-            f"{base}: no (layer, site) partitions, so nothing was captured. Re-run extraction."
-        )
+        raise RunError(f"{layout.uri}: no (layer, site) tables, so nothing was captured. Re-run extraction.")
     return sorted(parts)
 
 
-def stored_files(fs: pafs.FileSystem, base: str, *folders: str) -> list[str]:
-    """The .parquet files in `folders`, or in every stage folder (`layers=<a>-<b>`) under `base`."""
-    return sorted(
-        e.path
-        for folder in folders or _subdirs(fs, base)
-        for e in fs.get_file_info(pafs.FileSelector(folder))
-        if e.type == pafs.FileType.File and e.path.endswith(".parquet")
-    )
-
-
-def _stored_partitions(fs: pafs.FileSystem, paths: list[str]) -> set[tuple[int, str]]:
+def _stored_partitions(layout: RunLayout, paths: list[str]) -> set[tuple[int, str]]:
     """The (layer, site) pairs in the first readable stats file; unreadable ones are left to the scan."""
     for path in paths:
         try:
-            with fs.open_input_file(path) as handle:
+            with layout.fs.open_input_file(path) as handle:
                 keys = pl.read_parquet(handle, columns=["layer", "site"]).unique()
         except (Exception, pl.exceptions.PanicException):  # reported, or skipped, by Scanner
             continue
         return set(zip(keys["layer"].to_list(), keys["site"].to_list()))
     return set()
-
-
-def _subdirs(fs: pafs.FileSystem, path: str) -> list[str]:
-    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return [e.path for e in entries if e.type == pafs.FileType.Directory]
 
 
 def check_complete(partitions: list[tuple[int, str]], num_layers: int, allow_partial: bool) -> None:
@@ -170,10 +110,8 @@ def check_complete(partitions: list[tuple[int, str]], num_layers: int, allow_par
     shown = f"{missing[:6]}{' ...' if len(missing) > 6 else ''}"
     message = f"run lacks partitions {shown} of {num_layers} layers x {sites}"
     if not allow_partial:
-        raise RunError(
-            f"{message}. Re-run extraction, or pass --allow-partial to analyse what is there."
-        )
-    warnings.warn(f"{message}; analysing the rest", stacklevel=2)
+        raise RunError(f"{message}. Re-run extraction, or pass --allow-partial to analyse what is there.")
+    log.warning("%s; analysing the rest", message)
 
 
 class Scanner:
@@ -182,26 +120,24 @@ class Scanner:
     One verb, `scan`, so a Ray actor can wrap the class unchanged.
     """
 
-    def __init__(self, run_dir: str, threshold: float, allow_partial: bool = False):
-        self.run_dir = run_dir
-        self.fs, self.root = resolve(os.fspath(run_dir))
-        self.info = read_run(run_dir)
+    def __init__(self, layout: RunLayout, record: RunRecord, threshold: float, allow_partial: bool = False):
+        self.layout = layout
+        self.record = record
         self.threshold = float(threshold)
         self.bar = float32_bar(self.threshold)
         self.allow_partial = allow_partial
         self.skipped: list[str] = []
-        floor = self.info.get("floor")
-        if self.info["storage_mode"] == "exceedances" and self.threshold < floor:
-            raise ValueError(
-                f"analysis.threshold={threshold}: below the run's storage floor {floor}, so "
-                f"smaller entries were never stored. Use threshold >= {floor}, or re-extract "
+        if record.storage_mode == "exceedances" and self.threshold < record.floor:
+            raise ConfigError(
+                f"analysis.threshold={threshold}: below the run's storage floor {record.floor}, so "
+                f"smaller entries were never stored. Use threshold >= {record.floor}, or re-extract "
                 "with a lower floor."
             )
 
     def scan(self, partitions: list[tuple[int, str]], share: tuple[int, int] = (0, 1)) -> Partial:
         """What `partitions` hold; of a stored run, only every share[1]-th file from share[0]."""
         self.skipped = []
-        if self.info["storage_mode"] != "dense":
+        if self.record.storage_mode != "dense":
             return self._stored(partitions, share)
         pieces = [self._dense(layer, site) for layer, site in partitions]
         return Partial(
@@ -213,12 +149,16 @@ class Scanner:
     # -- dense: find exceedances and per-dim maxima in the full activations --
 
     def _dense(self, layer: int, site: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-        hidden = self.info["hidden_size"]
+        hidden = self.record.hidden_size
         max_abs = np.zeros(hidden, dtype=np.float32)
         count = np.zeros(hidden, dtype=np.int64)
+        paths = self.layout.partition_files(layer, site)
+        if not paths:
+            raise RunError(f"{self.layout.dense_partition(layer, site)}: no tables. Re-run extraction "
+                           f"for layer {layer} site {site}.")
         found = [
             self._exceeding(path, table, max_abs, count)
-            for path in self._files(layer, site)
+            for path in paths
             if (table := self._read(path, ["seq", "pos", "act"])) is not None
         ]
         stats = pl.DataFrame(
@@ -233,7 +173,7 @@ class Scanner:
         act = np.asarray(table["act"].to_numpy(), dtype=np.float32)  # [rows, hidden]
         if act.ndim != 2 or act.shape[1] != hidden:
             raise RunError(
-                f"{path}: act has shape {act.shape}, but run.json says hidden_size={hidden}. "
+                f"{path}: act has shape {act.shape}, but the run record says hidden_size={hidden}. "
                 "Re-run extraction."
             )
         magnitude = np.abs(act)  # [rows, hidden]
@@ -259,16 +199,16 @@ class Scanner:
         kept = wanted & (pl.col("value").abs().cast(pl.Float64) >= self.threshold)
 
         def read(kind: str, columns: list[str], schema: dict) -> pl.DataFrame:
-            paths = stored_files(self.fs, f"{self.root}/{kind}")[first::step]
-            chosen = kept if kind == "exceedances" else wanted
+            paths = self.layout.stage_files(kind)[first::step]
+            chosen = kept if kind == EXCEEDANCES else wanted
             return _concat([t.filter(chosen).cast(schema) for t in self._read_all(paths, columns)], schema)
 
-        exceedances = read("exceedances", list(EXCEEDANCE_SCHEMA), EXCEEDANCE_SCHEMA)
+        exceedances = read(EXCEEDANCES, list(EXCEEDANCE_SCHEMA), EXCEEDANCE_SCHEMA)
         magnitude = {k: STATS_SCHEMA[k] for k in ("layer", "site", "dim", "max_abs")}
         # Stored counts are at the floor; the count at this threshold comes from the exceedances.
         count = exceedances.group_by("layer", "site", "dim").agg(count=pl.len())
         stats = (
-            read("stats", list(magnitude), magnitude)
+            read(STATS, list(magnitude), magnitude)
             .group_by("layer", "site", "dim")
             .agg(pl.col("max_abs").max())
             .join(count, on=["layer", "site", "dim"], how="left")
@@ -281,23 +221,10 @@ class Scanner:
 
     # -- files --
 
-    def _files(self, layer: int, site: str) -> list[str]:
-        """The dense files of one partition; there must be some."""
-        base = f"{self.root}/activations/layer={layer}/site={site}"
-        entries = self.fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-        paths = sorted(
-            e.path for e in entries if e.type == pafs.FileType.File and e.path.endswith(".parquet")
-        )
-        if not paths:
-            raise RunError(
-                f"{base}: no .parquet files. Re-run extraction for layer {layer} site {site}."
-            )
-        return paths
-
     def _read_all(self, paths: list[str], columns: list[str]) -> list[pl.DataFrame]:
         """Local files in one call (Polars reads them in parallel); file by file, to name or
         skip an unreadable one, when that fails or the files are remote."""
-        if paths and isinstance(self.fs, pafs.LocalFileSystem):
+        if paths and isinstance(self.layout.fs, pafs.LocalFileSystem):
             try:
                 return [pl.read_parquet(paths, columns=columns, hive_partitioning=False)]
             except (Exception, pl.exceptions.PanicException):
@@ -307,9 +234,9 @@ class Scanner:
     def _read(self, path: str, columns: list[str]) -> pl.DataFrame | None:
         """One Parquet file, or None when it is unreadable and allow_partial skips it."""
         try:
-            if isinstance(self.fs, pafs.LocalFileSystem):
+            if isinstance(self.layout.fs, pafs.LocalFileSystem):
                 return pl.read_parquet(path, columns=columns, hive_partitioning=False)
-            with self.fs.open_input_file(path) as handle:
+            with self.layout.fs.open_input_file(path) as handle:
                 return pl.read_parquet(handle, columns=columns, hive_partitioning=False)
         # NOTE: Polars reports some corrupt files as PanicException, a BaseException.
         except (Exception, pl.exceptions.PanicException) as err:
@@ -319,7 +246,7 @@ class Scanner:
                     f"{path}: unreadable Parquet ({reason}). Re-run extraction for this "
                     "partition, or pass --allow-partial to skip the file."
                 ) from None
-            warnings.warn(f"skipping unreadable {path} ({reason})", stacklevel=2)
+            log.warning("skipping unreadable %s (%s)", path, reason)
             self.skipped.append(path)
             return None
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from actors.capture import Capture
+from actors.families import family_of
 from actors.shard import load_full
 from actors.stage import warm_up_ids
 
@@ -79,7 +80,7 @@ def legacy_extract(model, tokens: torch.Tensor, out: Path) -> int:
     layers = list(model.model.layers)
     written = 0
     for chunk in np.array_split(np.arange(len(layers)), CHUNKS):
-        capture = Capture({int(i): layers[int(i)] for i in chunk})
+        capture = Capture({int(i): layers[int(i)] for i in chunk}, family_of(model.config.model_type))
         taken = defaultdict(list)
         with torch.inference_mode():
             for row in tokens.split(1):  # [1, seq]

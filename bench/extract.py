@@ -28,10 +28,16 @@ def start_ray(num_cpus: int = 2) -> float:
     return time.perf_counter() - start
 
 
+def tables(run_dir: Path) -> list[Path]:
+    """The run's captured tables (activations, or exceedances and stats)."""
+    from common.layout import RunLayout
+
+    return [Path(path) for path, _ in RunLayout.of(str(run_dir)).batch_tables()]
+
+
 def data_bytes(run_dir: Path) -> int:
-    """Bytes of the run's captured tables (activations, or exceedances and stats)."""
-    return sum(f.stat().st_size for kind in ("activations", "exceedances", "stats")
-               for f in (run_dir / kind).rglob("*.parquet"))
+    """Bytes of the run's captured tables."""
+    return sum(path.stat().st_size for path in tables(run_dir))
 
 
 def run_rows(workload, root: Path, num_stages: int, mode: str, repeats: int) -> dict:
@@ -43,14 +49,14 @@ def run_rows(workload, root: Path, num_stages: int, mode: str, repeats: int) -> 
     for i in range(repeats):
         out = root / f"{mode}-{num_stages}-{i}"
         shutil.rmtree(out, ignore_errors=True)
-        record = execute(load_config(workload.config(str(out), num_stages, mode)), log=lambda *_: None)["record"]
-        timings, stats = record["timings"], record.get("stage_stats") or []
+        record = execute(load_config(workload.config(str(out), num_stages, mode)), quiet=True)["record"]
+        timings, stats = record.timings, record.stage_stats
         busy = [s["busy_s"] for s in stats if "busy_s" in s]
         runs.append({
             "extract_s": timings["extract_s"], "load_s": timings["load_s"],
             "cluster_start_s": timings["cluster_start_s"],
             "bubble": 1 - statistics.mean(busy) / timings["extract_s"] if busy else None,
-            "bytes": data_bytes(out), "tokens": record["tokens"], "run_dir": str(out),
+            "bytes": data_bytes(out), "tokens": record.tokens, "run_dir": str(out),
         })
     middle = sorted(runs, key=lambda r: r["extract_s"])[len(runs) // 2]  # the median run itself
     return {**middle, "extract_runs": [r["extract_s"] for r in runs],
@@ -61,11 +67,10 @@ def read_floor(run_dir: Path) -> float:
     """Seconds to read every captured Parquet file of a run into memory, nothing else."""
     import polars as pl
 
-    files = [f for kind in ("activations", "exceedances", "stats")
-             for f in sorted((run_dir / kind).rglob("*.parquet"))]
-    for path in files:
+    paths = tables(run_dir)
+    for path in paths:
         pl.read_parquet(path, hive_partitioning=False)
-    return len(files)
+    return len(paths)
 
 
 def analysis_rows(run_dir: str, repeats: int) -> dict:

@@ -95,8 +95,7 @@ def captured(model, batches, device, out: Path, mode: str, floor: float) -> dict
     forward_s = time.perf_counter() - start
     stage.flush()
     wall_s = time.perf_counter() - start
-    stage.capture.remove()
-    stage.writer.close()
+    stage.close()
     size = sum(f.stat().st_size for f in (out / mode).rglob("*.parquet"))
     return {"seconds": wall_s, "until_last_forward_s": forward_s, "bytes": size}
 

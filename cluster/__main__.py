@@ -2,13 +2,17 @@
 
 Joins the Ray cluster named by RAY_ADDRESS (or the one running on this machine),
 else starts a local one. Problems with the input end in one line on stderr and
-exit status 2, never a traceback.
+exit status 2; a traceback (exit status 1) always means a bug.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+from common import logs
+from common.errors import UserError, report
 
 FLAGS = {  # flag -> config key it sets
     "model": "model.path",
@@ -34,13 +38,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="any config key, e.g. --set pipeline.micro_batch_size=2 (repeatable)")
     run.add_argument("--resume", action="store_true", help="continue the run in --output")
+    logs.add_flags(run)
     return parser.parse_args(argv)
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
     """Flags as `key=value` overrides, applied before --set ones."""
-    import json
-
     given = [
         f"{key}={json.dumps(getattr(args, flag))}"
         for flag, key in FLAGS.items() if getattr(args, flag) is not None
@@ -48,36 +51,23 @@ def overrides(args: argparse.Namespace) -> list[str]:
     return given + args.set
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    from actors.shard import ModelLoadError
-    from actors.storage import LockedError
-    from analysis.scan import RunError as AnalysisError
-    from cluster.config import ConfigError
-    from cluster.data import DataError
-    from cluster.placement import PlacementError
-    from cluster.plan import PlanError
-    from cluster.run import RunError
-
-    return ConfigError, ModelLoadError, DataError, PlacementError, PlanError, RunError, AnalysisError, LockedError
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    logs.configure(args.log_level, args.quiet)
     from analysis.report import feature_table
     from cluster.config import load_config
     from cluster.run import execute
 
     try:
         config = load_config(args.config, overrides(args))
-        result = execute(config, resume=args.resume)
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        result = execute(config, resume=args.resume, quiet=args.quiet)
+    except UserError as err:
+        return report(err)
     record = result["record"]
     print(feature_table(result["summary"]["outlier_features"]))
-    timings = ", ".join(f"{k} {v:.1f}" for k, v in record["timings"].items())
-    print(f"\n{record['tokens']} tokens x {record['num_layers']} layers; timings (s): {timings}")
-    print(f"run: {record['output']}  (report.html, report.md, analysis/summary.json, run.json)")
+    timings = ", ".join(f"{k} {v:.1f}" for k, v in record.timings.items())
+    print(f"\n{record.tokens} tokens x {record.num_layers} layers; timings (s): {timings}")
+    print(f"run: {record.output}  (report.html, report.md and the analysis beside the run record)")
     return 0
 
 

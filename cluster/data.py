@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster.stdlib_text import stdlib_docs
+from common.config import positive
+from common.errors import DataError
 
 if TYPE_CHECKING:
     import torch
@@ -44,8 +47,27 @@ if TYPE_CHECKING:
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
-class DataError(ValueError):
-    """A text source cannot be read or holds too little text."""
+@dataclass(frozen=True)
+class DataConfig:
+    """The `data:` config section: which text, and how much of it."""
+
+    source: str = "stdlib"
+    """'stdlib' (standard-library docstrings), a local .txt/.jsonl/.json/.parquet, an HF dataset id,
+    or a local dataset directory."""
+    text_field: str = "text"
+    """Record field holding the text (jsonl/json/parquet/HF datasets)."""
+    split: str = "train"
+    """HF dataset split."""
+    num_sequences: int = 16
+    """Sequences to run."""
+    shuffle_seed: int | None = None
+    """Shuffle documents (buffered, like HF streaming) with this seed; empty keeps source order."""
+    seq_len: int = 2048
+    """Tokens per packed sequence."""
+
+    def __post_init__(self):
+        positive("data.num_sequences", self.num_sequences)
+        positive("data.seq_len", self.seq_len)
 
 
 def load_texts(source: str, text_field: str = "text", split: str = "train") -> Iterator[str]:

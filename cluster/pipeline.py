@@ -8,11 +8,63 @@ micro-batches are in the pipeline at once, which bounds memory in every stage.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 from actors.stage import StageActor, StageSpec
 from actors.writer import MicroBatch
+from common import logs
+from common.config import choice, positive
+from common.errors import ConfigError, RunError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The `pipeline:` config section: stages, micro-batches and where the stages run."""
+
+    num_stages: int = 1
+    """Pipeline stages, one Ray actor and one GPU each."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch (the unit of work and of commit)."""
+    max_in_flight: int = 0
+    """Micro-batches in the pipeline at once; 0 means num_stages + 1."""
+    device: str = "auto"
+    """auto (GPU when Ray gives one, else CPU), cuda or cpu."""
+    cpus_per_stage: float = 1.0
+    """CPU cores reserved for each stage actor."""
+    threads_per_stage: int = 0
+    """torch threads in a stage; 0 means cpus_per_stage."""
+    write_depth: int = 2
+    """Micro-batches queued for a stage's writer before the stage waits."""
+    placement_timeout_s: float = 60.0
+    """How long to wait for the cluster to fit the stages before giving up."""
+    placement: str = "auto"
+    """Placement group strategy: auto (pack when one node fits every stage, else spread),
+    pack, spread or strict_spread (one stage per node)."""
+
+    def __post_init__(self):
+        positive("pipeline.num_stages", self.num_stages)
+        positive("pipeline.micro_batch_size", self.micro_batch_size)
+        positive("pipeline.write_depth", self.write_depth)
+        choice("pipeline.device", self.device, ["auto", "cuda", "cpu"])
+        choice("pipeline.placement", self.placement, ["auto", "pack", "spread", "strict_spread"])
+        if self.max_in_flight < 0:
+            raise ConfigError(f"pipeline.max_in_flight={self.max_in_flight}: use 0 (auto) or more.")
+
+    @property
+    def in_flight(self) -> int:
+        return self.max_in_flight or self.num_stages + 1
+
+
+class RayStage(StageActor):
+    """A stage as a Ray actor: its worker's log records carry the stage's name."""
+
+    def __init__(self, spec: StageSpec):
+        logs.for_stage(spec.name)
+        super().__init__(spec)
 
 
 def start_stages(specs: list[StageSpec], group, bundles: list[dict], max_restarts: int = 3) -> list:
@@ -20,7 +72,7 @@ def start_stages(specs: list[StageSpec], group, bundles: list[dict], max_restart
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    remote = ray.remote(StageActor)
+    remote = ray.remote(RayStage)
     return [
         remote.options(
             name=spec.name,
@@ -38,7 +90,7 @@ def start_stages(specs: list[StageSpec], group, bundles: list[dict], max_restart
     ]
 
 
-class StageStartError(RuntimeError):
+class StageStartError(RunError):
     """A stage could not load its shard; the message is the stage's own one-line reason."""
 
 
@@ -82,7 +134,7 @@ class Commits:
         return sorted(done)
 
 
-class StageLost(RuntimeError):
+class StageLost(RunError):
     """A stage died and did not come back; committed micro-batches stay valid."""
 
 
@@ -124,7 +176,7 @@ def await_stages(stages: list, timeout_s: float) -> None:
 
 def drive(stages: list, batches: list[MicroBatch], in_flight: int,
           on_commit: Callable[[list[int]], None], retries: int = 3,
-          revive_timeout_s: float = 60.0, log=print) -> None:
+          revive_timeout_s: float = 60.0) -> None:
     """Push `batches` through `stages`, at most `in_flight` at once, until all are committed.
 
     A micro-batch is committed when every stage has written its files. If a stage dies,
@@ -135,8 +187,8 @@ def drive(stages: list, batches: list[MicroBatch], in_flight: int,
     attempts: dict[int, int] = {}
     todo = list(batches)
     while todo:
-        failed = _round(stages, todo, in_flight, commits, on_commit, log)
-        failed |= _flush(stages, commits, on_commit, log)
+        failed = _round(stages, todo, in_flight, commits, on_commit)
+        failed |= _flush(stages, commits, on_commit)
         todo = [b for b in batches if b.index not in commits.reported]
         if todo and not failed:
             raise RuntimeError(f"micro-batches {[b.index for b in todo]} were not written by every stage")
@@ -146,10 +198,10 @@ def drive(stages: list, batches: list[MicroBatch], in_flight: int,
                 raise StageLost(f"micro-batch {batch.index} failed {retries + 1} times; giving up.")
         if todo:
             await_stages(stages, revive_timeout_s)
-            log(f"re-running micro-batches {[b.index for b in todo]} after a stage failure")
+            log.warning("re-running micro-batches %s after a stage failure", [b.index for b in todo])
 
 
-def _round(stages, batches, in_flight, commits, on_commit, log) -> bool:
+def _round(stages, batches, in_flight, commits, on_commit) -> bool:
     """Submit every batch once; returns whether any stage failed along the way."""
     import ray
 
@@ -166,11 +218,11 @@ def _round(stages, batches, in_flight, commits, on_commit, log) -> bool:
             pending[ref] = (batch.index, written)
         ready, _ = ray.wait(list(pending), num_returns=1, fetch_local=False)
         index, written = pending.pop(ready[0])
-        failed |= _settle([ready[0], *written], index, commits, on_commit, log)
+        failed |= _settle([ready[0], *written], index, commits, on_commit)
     return failed
 
 
-def _settle(refs, index, commits, on_commit, log) -> bool:
+def _settle(refs, index, commits, on_commit) -> bool:
     """Record the commits a finished micro-batch reports; True if a stage was lost on it."""
     import ray
 
@@ -183,11 +235,11 @@ def _settle(refs, index, commits, on_commit, log) -> bool:
                 raise
             lost = True
     if lost:
-        log(f"micro-batch {index}: a stage was lost; it will be run again")
+        log.warning("micro-batch %d: a stage was lost; it will be run again", index)
     return lost
 
 
-def _flush(stages, commits, on_commit, log) -> bool:
+def _flush(stages, commits, on_commit) -> bool:
     """Wait for every stage's writer; True if a stage was lost meanwhile."""
     import ray
 
@@ -198,7 +250,7 @@ def _flush(stages, commits, on_commit, log) -> bool:
         except ray.exceptions.RayError as err:
             if not lost_stage(err):
                 raise
-            log(f"stage-{stage} was lost before its writer finished")
+            log.warning("stage-%d was lost before its writer finished", stage)
             lost = True
     return lost
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 
+from common.errors import ClusterError
 
-class PlacementError(RuntimeError):
+
+class PlacementError(ClusterError):
     """The cluster cannot host the planned stages; the message lists its resources."""
 
 
-def connect(num_cpus: int | None = None) -> str:
+def connect() -> str:
     """Join the cluster named by RAY_ADDRESS or the one running here, else start one.
 
     Returns how we got it ("joined" or "started"); a locally started cluster gets
@@ -33,7 +35,7 @@ def connect(num_cpus: int | None = None) -> str:
         ray.init(address="auto", **quiet)
         return "joined"
     except ConnectionError:
-        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 1), **quiet)
+        ray.init(num_cpus=max(2, os.cpu_count() or 1), **quiet)
         return "started"
 
 
@@ -123,14 +125,13 @@ def choose_strategy(bundles: list[dict], placement: str) -> str:
     return "PACK" if best >= len(bundles) else "SPREAD"
 
 
-def describe_placement(plan: list[dict], strategy: str) -> str:
-    """Where each stage landed, one line per stage, as printed once stages are loaded."""
+def describe_placement(plan: list, strategy: str) -> str:
+    """Where each stage (a StageRecord) landed, one line per stage, as logged once stages are loaded."""
     lines = [f"placement {strategy}:"]
     for stage in plan:
-        gpu = stage.get("cuda_visible_devices")
+        gpu = stage.cuda_visible_devices
         lines.append(
-            f"  {stage.get('name', stage['stage'])}  node {stage.get('node')} "
-            f"({(stage.get('node_id') or '?')[:8]})  device {stage.get('device')}"
-            + (f"  GPU {gpu}" if gpu else "")
+            f"  {stage.name or stage.stage}  node {stage.node} ({(stage.node_id or '?')[:8]})  "
+            f"device {stage.device}" + (f"  GPU {gpu}" if gpu else "")
         )
     return "\n".join(lines)

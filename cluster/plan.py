@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from common.errors import ConfigError
 
-class PlanError(ValueError):
+
+class PlanError(ConfigError):
     """A plan that cannot be made, with the fix in the message."""
 
 

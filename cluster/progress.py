@@ -1,8 +1,9 @@
 """Extraction progress in the driver: committed micro-batches, tokens/s and ETA.
 
-On a terminal the line is redrawn in place; otherwise (`ray job logs`, CI, files) a
-plain line is printed at most every `every_s` seconds and once at the end, so logs
-stay short and readable.
+The progress line is the one thing written to the terminal directly, not through logging.
+On a terminal it is redrawn in place; otherwise (`ray job logs`, CI, files) a plain line
+is printed at most every `every_s` seconds and once at the end, so logs stay short and
+readable. `quiet` shows nothing.
 """
 
 from __future__ import annotations
@@ -26,19 +27,20 @@ def duration(seconds: float) -> str:
 class Progress:
     """Counts committed micro-batches of this session (`tokens` maps index -> tokens)."""
 
-    def __init__(self, tokens: dict[int, int], log: Callable[[str], None] = print,
+    def __init__(self, tokens: dict[int, int], quiet: bool = False, stream=None,
                  every_s: float = 5.0, clock=time.perf_counter):
         self.tokens = tokens
         self.total = sum(tokens.values())
         self.done = 0
         self.batches = 0
-        self.log = log
+        self.quiet = quiet
+        self.stream = stream or sys.stdout
         self.every_s = every_s
         self.clock = clock
         self.started = clock()
         self.shown = -float("inf")
         # NOTE: in-place redraw only when we own a terminal; `ray job logs` gets plain lines.
-        self.live = log is print and sys.stdout.isatty()
+        self.live = self.stream.isatty()
 
     def line(self) -> str:
         elapsed = max(self.clock() - self.started, 1e-9)
@@ -56,12 +58,14 @@ class Progress:
             self.done += self.tokens.get(index, 0)
             self.batches += index in self.tokens
         finished = self.batches >= len(self.tokens)
+        if self.quiet:
+            return
         if self.live:
-            sys.stdout.write("\r" + self.line() + ("\n" if finished else ""))
-            sys.stdout.flush()
+            self.stream.write("\r" + self.line() + ("\n" if finished else ""))
         elif finished or self.clock() - self.shown >= self.every_s:
             self.shown = self.clock()
-            self.log(self.line())
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
 
     def wrap(self, on_commit: Callable[[list[int]], None]) -> Callable[[list[int]], None]:
         """`on_commit` followed by a progress update, for `drive`."""

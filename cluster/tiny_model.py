@@ -41,6 +41,7 @@ from actors.families import family_of
 from actors.layers import inner_model
 from cluster.data import load_texts
 from cluster.small_config import small_config
+from common.errors import ConfigError
 
 SITES = tuple(SITE_ROLES)
 KINDS = ("norm", "embedding")
@@ -52,7 +53,7 @@ BUILD_RECIPE = 2
 
 
 def _fail(key: str, value, rule: str) -> None:
-    raise ValueError(f"{key}={value!r} is invalid: {rule}")
+    raise ConfigError(f"{key}={value!r} is invalid: {rule}")
 
 
 @dataclass(frozen=True)
@@ -347,6 +348,6 @@ def feeding_norms(model) -> dict[tuple[int, str], torch.nn.Module]:
              for key, value in inputs.items()}
     for key, norm in found.items():
         if norm is None or not isinstance(getattr(norm, "weight", None), torch.Tensor):
-            raise ValueError(f"{model.config.model_type}: no norm feeds layer {key[0]} {key[1]} directly "
-                             "(not a pre-norm layer); plant kind 'embedding' instead")
+            raise ConfigError(f"{model.config.model_type}: no norm feeds layer {key[0]} {key[1]} directly "
+                              "(not a pre-norm layer); plant kind 'embedding' instead")
     return found

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from actors.families import SITES, family_of
+from common import files
+from common.layout import RunLayout
+from common.record import RunRecord, read_record
 from actors.layers import inner_model
 from actors.shard import load_full
 from cluster.tiny_model import Plant, TinySpec, build_tiny
@@ -41,6 +44,18 @@ def planted_checkpoint(tiny_checkpoint):
         Plant(dim=9, layers=tuple(range(6)), scale=1.5),
     )
     return tiny_checkpoint(plants=plants)
+
+
+@pytest.fixture(autouse=True)
+def log_records_reach_pytest():
+    """Undo what a command line's `logs.configure` did, so later tests see log records."""
+    import logging
+
+    yield
+    for name in ("actors", "analysis", "cluster", "common", "bench"):
+        logger = logging.getLogger(name)
+        logger.handlers[:], logger.propagate = [], True
+        logger.setLevel(logging.NOTSET)
 
 
 @pytest.fixture
@@ -165,10 +180,23 @@ def read_site(run_dir, layer: int, site: str) -> tuple[np.ndarray, np.ndarray, n
 
     frames = [
         pl.read_parquet(path).with_columns(pl.col("act").cast(pl.Array(pl.Float32, pl.read_parquet_schema(path)["act"].size)))
-        for path in sorted((run_dir / "activations" / f"layer={layer}" / f"site={site}").glob("*.parquet"))
+        for path in RunLayout.of(str(run_dir)).partition_files(layer, site)
     ]
     table = pl.concat(frames).sort("seq", "pos")
     return table["seq"].to_numpy(), table["pos"].to_numpy(), table["act"].to_numpy()
+
+
+def stored_record(run) -> RunRecord:
+    """The run record of the run at `run`."""
+    return read_record(RunLayout.of(str(run)))
+
+
+def stored_summary(run) -> dict:
+    """The analysis summary of the run at `run`."""
+    import json
+
+    layout = RunLayout.of(str(run))
+    return json.loads(files.read_bytes(layout.fs, layout.summary))
 
 
 def fault_config(model: str, output, num_sequences: int = 12) -> dict:

@@ -2,7 +2,7 @@
 
 `random_activations` gives `# [layers, sites, seqs, seq_len, hidden]` values that are exact
 in float16, so dense files of either float width hold the same numbers. `write_run` writes
-them in the layout extraction produces (run.json + hive-partitioned Parquet, dense or
+them in the layout extraction produces (a run record and hive-partitioned Parquet, dense or
 exceedances), and `reference_per_dim` is the brute-force answer to compare against.
 """
 
@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.criteria import Criteria
+from common.layout import EXCEEDANCES, STATS, RunLayout
+from common.record import RunRecord, write_record
 
 SITES = ("ln_attn", "ln_mlp")
 
@@ -69,32 +71,26 @@ def write_run(
     seq_len=False leaves `data.seq_len` out of the config.
     """
     root = Path(root)
+    layout = RunLayout.of(str(root))
     mask = full_mask(acts) if mask is None else mask
     num_layers, _, _, length, hidden = acts.shape
     seqs, poss = np.nonzero(mask)  # the non-padding tokens, in (seq, pos) order
     for layer in range(num_layers):
         by_site = {site: acts[layer, s][mask] for s, site in enumerate(SITES)}  # [tokens, hidden] each
         if storage != "dense":
-            _write_exceedances(root, layer, seqs, poss, by_site, parts, floor)
+            _write_exceedances(layout, layer, seqs, poss, by_site, parts, floor)
             continue
         for site, rows in by_site.items():
-            _write_dense(root / "activations" / f"layer={layer}/site={site}", seqs, poss, rows,
-                         parts, float16_parts)
+            _write_dense(layout, layer, site, seqs, poss, rows, parts, float16_parts)
     config = {"data": {"seq_len": int(length)} if seq_len else {}, "analysis": analysis or {}}
-    info = {
-        "num_layers": int(num_layers),
-        "hidden_size": int(hidden),
-        "tokens": int(mask.sum()),
-        "storage_mode": storage,
-        "config": config,
-    }
-    if storage != "dense":
-        info["floor"] = float(floor)
-    (root / "run.json").write_text(json.dumps(info))
+    write_record(layout, RunRecord(
+        num_layers=int(num_layers), hidden_size=int(hidden), tokens=int(mask.sum()), storage_mode=storage,
+        floor=None if storage == "dense" else float(floor), config=config))
     return root
 
 
-def _write_dense(folder, seqs, poss, rows, parts, float16_parts):
+def _write_dense(layout, layer, site, seqs, poss, rows, parts, float16_parts):
+    folder = Path(layout.dense_partition(layer, site))
     folder.mkdir(parents=True, exist_ok=True)
     hidden = rows.shape[1]
     for i, chunk in enumerate(np.array_split(np.arange(len(rows)), parts)):
@@ -108,10 +104,10 @@ def _write_dense(folder, seqs, poss, rows, parts, float16_parts):
                 "act": pa.FixedSizeListArray.from_arrays(values, hidden),
             }
         )
-        pq.write_table(table, folder / f"part-{i}.parquet")
+        pq.write_table(table, layout.dense(layer, site, i))
 
 
-def _write_exceedances(root, layer, seqs, poss, by_site, parts, floor):
+def _write_exceedances(layout, layer, seqs, poss, by_site, parts, floor):
     """The writer's layout with one stage per layer: each file holds every site of the layer,
     for one `parts`-th of the tokens (as a micro-batch would)."""
     for i, chunk in enumerate(np.array_split(np.arange(len(seqs)), parts)):
@@ -136,10 +132,10 @@ def _write_exceedances(root, layer, seqs, poss, by_site, parts, floor):
                 "sum": pa.array(wide.sum(axis=0), pa.float64()),
                 "sum_sq": pa.array((wide**2).sum(axis=0), pa.float64()),
             }))
-        for kind, tables in (("exceedances", kept), ("stats", stats)):
-            folder = root / kind / f"layers={layer}-{layer}"
-            folder.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.concat_tables(tables), folder / f"mb-{i:06d}.parquet")
+        for kind, tables in ((EXCEEDANCES, kept), (STATS, stats)):
+            path = Path(layout.stage_table(kind, range(layer, layer + 1), i))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.concat_tables(tables), path)
 
 
 def reference_per_dim(acts, mask, threshold, seq_len=None):

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.storage import RunLock
+from common.layout import RunLayout
 from cluster.__main__ import main
-from cluster.config import ConfigError, load_config
+from cluster.config import load_config
+from common.errors import ConfigError
 
 DEFAULT = str(Path(__file__).resolve().parent.parent / "configs" / "tiny_moe.yaml")
 
@@ -85,7 +87,8 @@ def test_a_second_run_on_the_same_output_is_refused(capsys, tmp_path):
     other = subprocess.Popen(["sleep", "60"])  # a live process standing for the other run
     try:
         (tmp_path / "run").mkdir()
-        (tmp_path / "run" / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": other.pid}))
+        lock = Path(RunLayout.of(str(tmp_path / "run")).lock().path)
+        lock.write_text(json.dumps({"host": os.uname().nodename, "pid": other.pid}))
         fails_with(capsys, ["--output", str(tmp_path / "run")],
                    f"is in use by another run (pid {other.pid}")
     finally:
@@ -96,10 +99,12 @@ def test_a_second_run_on_the_same_output_is_refused(capsys, tmp_path):
 def test_a_lock_left_by_a_dead_run_is_taken_over(tmp_path):
     gone = subprocess.Popen(["true"])
     gone.wait()
-    (tmp_path / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": gone.pid}))
-    with RunLock(str(tmp_path)) as lock:
-        assert json.loads((tmp_path / ".lock").read_text())["pid"] == lock.me["pid"] == os.getpid()
-    assert not (tmp_path / ".lock").exists()
+    layout = RunLayout.of(str(tmp_path))
+    held = layout.lock()
+    Path(held.path).write_text(json.dumps({"host": os.uname().nodename, "pid": gone.pid}))
+    with held as lock:
+        assert json.loads(Path(held.path).read_text())["pid"] == lock.me["pid"] == os.getpid()
+    assert not Path(held.path).exists()
 
 
 # Random YAML-like values: the loader must answer with a RunConfig or a ConfigError, nothing else.
@@ -129,3 +134,18 @@ def test_overrides_only_raise_config_errors(key, value):
         pass
     except ValueError as err:  # json.dumps of NaN is YAML '.nan'-incompatible text
         raise AssertionError(f"{key}={value!r} raised {err!r}")
+
+
+@pytest.mark.parametrize("command", [
+    ["-m", "cluster", "run", "configs/tiny_moe.yaml"],
+    ["-m", "analysis", "runs/anything"],
+])
+def test_a_bug_ends_in_a_traceback_and_exit_1_not_a_user_error(command):
+    # A deliberate internal error: the layer every command goes through divides by zero.
+    code = ("import sys, runpy, common.layout as layout; "
+            "layout.RunLayout.of = classmethod(lambda cls, uri: 1 / 0); "
+            f"sys.argv = ['x', *{command[2:]!r}]; runpy.run_module({command[1]!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(DEFAULT).parent.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" in done.stderr and "ZeroDivisionError" in done.stderr and "error: " not in done.stderr

@@ -24,4 +24,6 @@ def test_gpu_bench_runs_small_without_ray_or_polars(tmp_path):
     rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
     dense, sparse = rows["(c) capture, dense"], rows["(d) capture, exceedances >= 3"]
     assert 0 < sparse["bytes"] < dense["bytes"]
-    assert list((tmp_path / "exceedances" / "stats").glob("layers=*-*/mb-*.parquet"))
+    from common.layout import STATS, RunLayout
+
+    assert RunLayout.of(str(tmp_path / "exceedances")).stage_files(STATS)

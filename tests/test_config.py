@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import ConfigError, RunConfig, load_config
+from cluster.config import RunConfig, load_config
 from cluster.tiny_model import TinySpec
+from common.errors import ConfigError
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

@@ -1,9 +1,13 @@
-"""analysis/criteria.py against a brute-force reference, plus the criteria's edge cases."""
+"""analysis.criteria against a brute-force reference, plus the criteria's edge cases."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from analysis import AnalysisConfig
+from common.config import build
+from common.errors import ConfigError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -165,19 +169,19 @@ def test_nothing_found_gives_empty_table_with_all_columns():
         ({"min_layer_fraction": 1.5}, r"analysis.min_layer_fraction=1.5: choose a fraction in"),
         ({"min_token_fraction": -0.1}, r"analysis.min_token_fraction=-0.1"),
         ({"systematic_token_fraction": "high"}, r"analysis.systematic_token_fraction='high'"),
-        ({"threshold": 0}, r"analysis.threshold=0: choose a finite number > 0"),
+        ({"threshold": 0}, r"analysis.threshold=0.0: choose a finite number > 0"),
         ({"threshold": float("nan")}, r"analysis.threshold=nan"),
         ({"threshold": True}, r"analysis.threshold=True"),
-        ({"thershold": 6}, r"unknown keys \['thershold'\]; valid keys are \[.*'threshold'"),
+        ({"thershold": 6}, r"unknown key\(s\) \['thershold'\] in analysis; valid keys: \[.*'threshold'"),
     ],
 )
 def test_invalid_settings_name_key_value_and_choices(settings_, message):
-    with pytest.raises(ValueError, match=message):
-        Criteria.from_dict(settings_)
+    with pytest.raises(ConfigError, match=message):
+        build(AnalysisConfig, settings_, "analysis")
 
 
-def test_from_dict_takes_defaults_and_leaves_num_actors_to_the_caller():
-    assert Criteria.from_dict(None) == Criteria()
-    criteria = Criteria.from_dict({"threshold": 4, "layer_unit": "site", "num_actors": 8})
-    assert criteria == Criteria(threshold=4, layer_unit="site")
-    assert criteria.layer_column == "site_fraction"
+def test_the_analysis_section_holds_the_criteria_and_how_many_actors_apply_them():
+    assert build(AnalysisConfig, {}, "analysis").criteria() == Criteria()
+    section = build(AnalysisConfig, {"threshold": 4, "layer_unit": "site", "num_actors": 8}, "analysis")
+    assert section.criteria() == Criteria(threshold=4, layer_unit="site") and section.num_actors == 8
+    assert section.criteria().layer_column == "site_fraction"

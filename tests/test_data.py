@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from cluster import stdlib_text
-from cluster.data import DataError, load_texts, pack_sequences
+from cluster.data import load_texts, pack_sequences
+from common.errors import DataError
 
 BOS, EOS = 1, 2
 

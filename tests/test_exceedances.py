@@ -7,18 +7,19 @@ threshold >= floor, and the stored entries must equal the dense values bit for b
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import polars as pl
 import pytest
 import torch
 
-from actors.storage import float32_bar
 from actors.writer import ExceedanceWriter
 from analysis import analyse
 from analysis.criteria import Criteria, feature_stats
-from analysis.scan import Scanner, list_partitions, read_run
+from analysis.scan import Scanner, list_partitions
+from common.errors import ConfigError
+from common.layout import EXCEEDANCES, STATS, RunLayout
+from common.record import RunRecord, read_record, write_record
+from common.threshold import float32_bar
 from tests.conftest import run_stages, token_batch
 
 FLOOR = 3.0
@@ -27,16 +28,12 @@ BATCH, SEQ, PAD, LAYERS = 4, 32, 5, 6
 
 
 def extract(model_path, dtype, mode, out, ids, mask, num_stages=2, micro_batch=2) -> dict:
-    """Run in-process stages over the tokens, write run.json; returns {'bytes': ...}."""
+    """Run in-process stages over the tokens, write the run record; returns {'bytes': ...}."""
     stages = run_stages(model_path, dtype, out, ids, mask, num_layers=LAYERS, num_stages=num_stages,
                         micro_batch=micro_batch, storage=mode, floor=FLOOR)
-    info = {
-        "num_layers": LAYERS, "hidden_size": stages[0].config.hidden_size,
-        "tokens": int(mask.sum()), "storage_mode": mode,
-        "floor": FLOOR if mode == "exceedances" else None,
-        "config": {"data": {"seq_len": SEQ}, "analysis": {}},
-    }
-    (out / "run.json").write_text(json.dumps(info))
+    write_record(RunLayout.of(str(out)), RunRecord(
+        num_layers=LAYERS, hidden_size=stages[0].config.hidden_size, tokens=int(mask.sum()), storage_mode=mode,
+        floor=FLOOR if mode == "exceedances" else None, config={"data": {"seq_len": SEQ}, "analysis": {}}))
     return {"bytes": sum(s.stats()["bytes_written"] for s in stages)}
 
 
@@ -54,8 +51,9 @@ def runs(request, planted_checkpoint, tmp_path_factory):
 
 
 def scanned(run_dir, threshold):
-    scanner = Scanner(str(run_dir), threshold)
-    partial = scanner.scan(list_partitions(str(run_dir), read_run(str(run_dir))))
+    layout = RunLayout.of(str(run_dir))
+    record = read_record(layout)
+    partial = Scanner(layout, record, threshold).scan(list_partitions(layout, record))
     keys = ["layer", "site", "seq", "pos", "dim"]
     return partial.exceedances.sort(keys), partial.stats.sort("layer", "site", "dim")
 
@@ -87,17 +85,18 @@ def test_same_outlier_features_as_dense(runs, threshold):
 
 def test_stored_stats_are_those_of_every_real_token(runs):
     dense, stored, _ = runs
-    acts = pl.read_parquet(dense / "activations" / "layer=2" / "site=ln_mlp" / "*.parquet")
+    acts = pl.read_parquet(RunLayout.of(str(dense)).partition_files(2, "ln_mlp"))
     x = np.asarray(acts["act"].to_numpy(), dtype=np.float64)  # [tokens, hidden]
     assert len(x) == BATCH * SEQ - PAD  # padding positions never written
-    stats = (pl.read_parquet(stored / "stats" / "*" / "*.parquet").filter(layer=2, site="ln_mlp")
+    layout = RunLayout.of(str(stored))
+    stats = (pl.read_parquet(layout.stage_files(STATS)).filter(layer=2, site="ln_mlp")
              .group_by("dim").agg(pl.col("count", "sum", "sum_sq").sum(), pl.col("max_abs").max())
              .sort("dim"))
     np.testing.assert_array_equal(stats["count"], (np.abs(x) >= FLOOR).sum(0))
     np.testing.assert_array_equal(stats["max_abs"], np.abs(x).max(0))
     np.testing.assert_allclose(stats["sum"], x.sum(0), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(stats["sum_sq"], (x**2).sum(0), rtol=1e-9)
-    rows = pl.read_parquet(stored / "exceedances" / "*" / "*.parquet").filter(layer=2, site="ln_mlp")
+    rows = pl.read_parquet(layout.stage_files(EXCEEDANCES)).filter(layer=2, site="ln_mlp")
     assert len(rows) == int(stats["count"].sum())
     assert rows.filter((pl.col("seq") == BATCH - 1) & (pl.col("pos") >= SEQ - PAD)).is_empty()
 
@@ -109,8 +108,9 @@ def test_exceedances_take_fewer_bytes(runs):
 
 def test_below_floor_threshold_is_refused(runs):
     _, stored, _ = runs
-    with pytest.raises(ValueError, match="below the run's storage floor 3.0"):
-        Scanner(str(stored), 2.5)
+    layout = RunLayout.of(str(stored))
+    with pytest.raises(ConfigError, match="below the run's storage floor 3.0"):
+        Scanner(layout, read_record(layout), 2.5)
 
 
 def test_floor_is_compared_as_a_real_number(tmp_path):

@@ -25,7 +25,9 @@ from analysis.criteria import Criteria, feature_stats, outlier_features
 from analysis.scan import Scanner
 from cluster.plan import stage_bytes
 from cluster.tiny_model import Plant, TinySpec, build_tiny
-from tests.conftest import read_site, reference_activations, run_stages, token_batch
+from common.layout import RunLayout
+from common.record import RunRecord
+from tests.conftest import read_site, reference_activations, run_stages, stored_record, token_batch
 
 SUPPORTED = sorted(t for t, f in FAMILIES.items() if not f.refuse)
 REFUSED = sorted(t for t, f in FAMILIES.items() if f.refuse)
@@ -53,11 +55,9 @@ THRESHOLD = 3.0
 def planted_feature(run_dir: Path, tokens: int) -> dict:
     """The planted dim's row of the outlier features (LLM.int8() criteria at THRESHOLD), and
     whether it is the largest dim of all."""
-    import json
-
-    (run_dir / "run.json").write_text(json.dumps(
-        {"num_layers": LAYERS, "hidden_size": 64, "tokens": tokens, "storage_mode": "dense"}))
-    partial = Scanner(str(run_dir), THRESHOLD).scan([(layer, site) for layer in range(LAYERS) for site in SITES])
+    layout = RunLayout.of(str(run_dir))
+    record = RunRecord(num_layers=LAYERS, hidden_size=64, tokens=tokens)
+    partial = Scanner(layout, record, THRESHOLD).scan([(layer, site) for layer in range(LAYERS) for site in SITES])
     per_dim = feature_stats(partial.exceedances, partial.stats, LAYERS, tokens, SEQ)
     found = outlier_features(per_dim, Criteria(threshold=THRESHOLD)).filter(dim=PLANTED).to_dicts()
     largest = per_dim.sort("max_abs", descending=True)["dim"][0]
@@ -106,9 +106,9 @@ def test_ray_runs_equal_the_models_own_forward(ray_cluster, family_checkpoint, t
         "model": {"path": path}, "data": {"source": "stdlib", "num_sequences": 4, "seq_len": 32},
         "pipeline": {"num_stages": 3, "micro_batch_size": 2}, "storage": {"output": str(tmp_path / "run")},
         "analysis": {"threshold": THRESHOLD, "num_actors": 1}})
-    result = execute(config, log=lambda *_: None)
-    record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert record["dtype"] == "float32" and len(record["plan"]) == 3  # `auto`: the checkpoint's float32
+    result = execute(config, quiet=True)
+    record = stored_record(tmp_path / "run")
+    assert record.dtype == "float32" and len(record.plan) == 3  # `auto`: the checkpoint's float32
     tokens = pack_sequences(AutoTokenizer.from_pretrained(path), load_texts("stdlib"), 4, 32)
     expected = reference_activations(path, "float32", tokens, torch.ones_like(tokens), micro_batch=2)
     for layer in range(LAYERS):

@@ -22,7 +22,8 @@ from actors.stage import StageActor, StageSpec
 from actors.writer import MicroBatch
 from cluster.config import load_config
 from cluster.run import execute
-from tests.conftest import fault_config, own_ray, token_batch
+from common.layout import RunLayout
+from tests.conftest import fault_config, own_ray, stored_record, token_batch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,12 +47,12 @@ def ray_cluster(faults_file):
 
 def tables(run: Path) -> dict:
     """{(layer, site): DataFrame sorted by (seq, pos)}, checking no row appears twice."""
+    layout = RunLayout.of(str(run))
     out = {}
-    for layer_dir in sorted((run / "activations").iterdir()):
-        for site_dir in sorted(layer_dir.iterdir()):
-            frame = pl.concat([pl.read_parquet(p) for p in sorted(site_dir.glob("*.parquet"))])
-            assert frame.select("seq", "pos").is_duplicated().sum() == 0, site_dir
-            out[(layer_dir.name, site_dir.name)] = frame.sort("seq", "pos")
+    for layer, site in layout.dense_partitions():
+        frame = pl.concat([pl.read_parquet(p) for p in layout.partition_files(layer, site)])
+        assert frame.select("seq", "pos").is_duplicated().sum() == 0, (layer, site)
+        out[(layer, site)] = frame.sort("seq", "pos")
     return out
 
 
@@ -68,19 +69,18 @@ def assert_same_tables(run: Path, clean: Path) -> int:
     return rows
 
 
-def test_a_killed_stage_is_restarted_and_loses_nothing(ray_cluster, fault_free_run, planted_checkpoint, faults_file, tmp_path):
+def test_a_killed_stage_is_restarted_and_loses_nothing(ray_cluster, fault_free_run, planted_checkpoint, faults_file,
+                                                      tmp_path, caplog):
     marker = tmp_path / "killed"
     faults_file.write_text(json.dumps([{"kind": "kill", "stage": 1, "batch": 2, "once": str(marker)}]))
-    logs: list[str] = []
     try:
-        execute(load_config(fault_config(planted_checkpoint, tmp_path / "run")), log=logs.append)
+        execute(load_config(fault_config(planted_checkpoint, tmp_path / "run")), quiet=True)
     finally:
         faults_file.write_text("[]")
     assert marker.exists(), "the stage was never killed"
-    assert any("re-running micro-batches" in line for line in logs), logs
-    record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert record["status"] == "complete"
-    assert all(b["status"] == "committed" for b in record["batches"].values())
+    assert "re-running micro-batches" in caplog.text
+    record = stored_record(tmp_path / "run")
+    assert record.status == "complete" and record.committed() == set(range(12))
     rows = assert_same_tables(tmp_path / "run", fault_free_run)
     assert rows == 12 * 32 * 12  # tokens x layer-sites
 
@@ -96,7 +96,7 @@ def test_a_killed_driver_resumes_to_the_same_tables(fault_free_run, planted_chec
     env = {**os.environ, faults.ENV: str(slow), "RAY_ADDRESS": "local"}
     driver = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ledger = tmp_path / "run" / "run.json"
+    ledger = Path(RunLayout.of(str(tmp_path / "run")).record)
     try:
         committed = wait_for_commits(ledger, at_least=3, timeout_s=120)
     finally:
@@ -128,7 +128,7 @@ def wait_for_commits(ledger: Path, at_least: int, timeout_s: float) -> list[str]
     raise AssertionError(f"fewer than {at_least} micro-batches committed within {timeout_s} s")
 
 
-def test_out_of_memory_splits_the_micro_batch(planted_checkpoint, tmp_path, monkeypatch, capsys):
+def test_out_of_memory_splits_the_micro_batch(planted_checkpoint, tmp_path, monkeypatch, caplog):
     # NOTE: halves are bit-identical to the whole only with a batch-invariant expert kernel
     # (batched_mm); grouped_mm's rounding depends on how many tokens share an expert.
     path = planted_checkpoint
@@ -143,6 +143,6 @@ def test_out_of_memory_splits_the_micro_batch(planted_checkpoint, tmp_path, monk
         stage.forward(MicroBatch(0, [0, 1, 2, 3], ids, mask))
         stage.flush()
         results[name] = tables(tmp_path / name)
-    assert "running it in halves" in capsys.readouterr().out
+    assert "running it in halves" in caplog.text
     for key, frame in results["clean"].items():
         assert results["oom"][key].equals(frame), key

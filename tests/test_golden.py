@@ -12,6 +12,7 @@ import pytest
 from actors.families import SITES
 from actors.shard import ShardSpec
 from actors.stage import StageActor, StageSpec
+from common.layout import RunLayout
 from tests.conftest import read_site, reference_activations, run_stages, token_batch
 
 BATCH, SEQ, PAD = 4, 24, 7
@@ -53,7 +54,8 @@ def test_bf16_encoding_is_float16_when_exact_else_float32(tiny_checkpoint, tmp_p
     path = tiny_checkpoint("qwen3_moe")
     ids, mask = token_batch(seed=2, batch=2, seq=8)
     run_stages(path, "bfloat16", tmp_path, ids, mask, num_stages=1)
-    meta = pq.read_schema(next((tmp_path / "activations").rglob("*.parquet"))).metadata
+    layout = RunLayout.of(str(tmp_path))
+    meta = pq.read_schema(layout.partition_files(0, "ln_attn")[0]).metadata
     assert meta[b"model_dtype"] == b"bfloat16" and meta[b"encoding"] in (b"float16", b"float32")
 
 
@@ -99,7 +101,8 @@ def test_dtype_auto_runs_a_checkpoint_in_its_own_dtype(tiny_checkpoint, tmp_path
     import torch
 
     from cluster.config import load_config
-    from cluster.run import micro_batches, new_record, prepare, stage_specs
+    from cluster.ledger import new_record
+    from cluster.run import micro_batches, prepare, stage_specs
 
     path = tiny_checkpoint("qwen3_moe", dtype="bfloat16")
     settings = {"model": {"path": path}, "data": {"num_sequences": 2, "seq_len": 16},
@@ -107,7 +110,7 @@ def test_dtype_auto_runs_a_checkpoint_in_its_own_dtype(tiny_checkpoint, tmp_path
     config = load_config(settings)
     assert config.model.dtype == "auto"
     prepared = prepare(config)
-    assert prepared.anatomy.dtype == "bfloat16" and new_record(config, prepared)["dtype"] == "bfloat16"
+    assert prepared.anatomy.dtype == "bfloat16" and new_record(config, prepared).dtype == "bfloat16"
     stages = [StageActor(spec) for spec in stage_specs(config, prepared, str(tmp_path))]
     for batch in micro_batches(prepared.tokens, 2, skip=set()):
         for stage in stages:
@@ -119,7 +122,8 @@ def test_dtype_auto_runs_a_checkpoint_in_its_own_dtype(tiny_checkpoint, tmp_path
         for site in SITES:
             _, _, act = read_site(tmp_path, layer, site)
             assert np.array_equal(act, expected[(layer, site)].reshape(act.shape)), (layer, site)
-    meta = pq.read_schema(next((tmp_path / "activations").rglob("*.parquet"))).metadata
+    layout = RunLayout.of(str(tmp_path))
+    meta = pq.read_schema(layout.partition_files(0, "ln_attn")[0]).metadata
     assert meta[b"model_dtype"] == b"bfloat16"
     # An explicit dtype still wins over the checkpoint's.
     override = prepare(load_config({**settings, "model": {"path": path, "dtype": "float32"}}))

@@ -1,7 +1,7 @@
 """report.html, the plots, the layer profile and `python -m analysis compare` on synthetic runs.
 
 Files must be valid (PNGs decode, the HTML parses) and their numbers must be those of
-summary.json and of a brute-force computation over the planted activations.
+the summary and of a brute-force computation over the planted activations.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import json
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -22,6 +21,8 @@ from PIL import Image
 
 from analysis import analyse
 from analysis.html import HEADER, TITLES
+from common.layout import RunLayout
+from tests.conftest import stored_summary
 from tests.synthetic import plant, random_activations, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,22 +83,24 @@ def decode(png: bytes) -> Image.Image:
 
 def test_plots_decode_and_html_embeds_them(run):
     root, _, _ = run
+    layout = RunLayout.of(str(root))
     page = Page()
-    page.feed((root / "report.html").read_text())
+    page.feed(Path(layout.report("html")).read_text())
     assert set(page.images) == set(TITLES)
     for name in TITLES:
-        png = (root / "analysis" / "plots" / f"{name}.png").read_bytes()
+        png = Path(layout.plot(name)).read_bytes()
         assert decode(png).size[0] > 100
         assert page.images[name] == "data:image/png;base64," + base64.b64encode(png).decode()
-    markdown = (root / "report.md").read_text()
-    assert all(f"(analysis/plots/{name}.png)" in markdown for name in TITLES)
+    markdown = Path(layout.report("md")).read_text()
+    assert all(f"({layout.plot_link(name)})" in markdown and (root / layout.plot_link(name)).is_file()
+               for name in TITLES)
 
 
-def test_html_numbers_are_those_of_summary_json(run):
+def test_html_numbers_are_those_of_the_summary(run):
     root, _, _ = run
-    summary = json.loads((root / "analysis" / "summary.json").read_text())
+    summary = stored_summary(root)
     page = Page()
-    page.feed((root / "report.html").read_text())
+    page.feed(Path(RunLayout.of(str(root)).report("html")).read_text())
     header, *rows = page.tables["features"]
     assert header == HEADER
     assert [int(r[0]) for r in rows] == [f["dim"] for f in summary["outlier_features"]] == [3, 7]
@@ -115,7 +118,7 @@ def test_html_numbers_are_those_of_summary_json(run):
 
 def test_layer_profile_is_the_brute_force_top_k_and_median(run):
     root, _, acts = run
-    profile = pl.read_parquet(root / "analysis" / "layer_profile.parquet")
+    profile = pl.read_parquet(RunLayout.of(str(root)).profile)
     assert profile["layer"].to_list() == [0, 1, 2, 3]
     for layer, row in enumerate(profile.iter_rows(named=True)):
         per_dim = np.abs(acts[layer]).max(axis=(0, 1, 2))  # [hidden], both sites
@@ -128,9 +131,10 @@ def test_layer_profile_is_the_brute_force_top_k_and_median(run):
 def test_exceedance_run_reports_without_a_median(tmp_path):
     root = write_run(tmp_path / "stored", activations(5, big_dim=3), storage="exceedances", floor=4)
     analyse(str(root))
-    profile = pl.read_parquet(root / "analysis" / "layer_profile.parquet")
+    layout = RunLayout.of(str(root))
+    profile = pl.read_parquet(layout.profile)
     assert profile["median_abs"].null_count() == 4 and profile["top1"].min() == 30
-    assert decode((root / "analysis" / "plots" / "massive.png").read_bytes())
+    assert decode(Path(layout.plot("massive")).read_bytes())
 
 
 def test_compare_builds_one_table_and_plot_across_runs(run, tmp_path):
@@ -144,7 +148,7 @@ def test_compare_builds_one_table_and_plot_across_runs(run, tmp_path):
     rows = list(csv.DictReader((tmp_path / "cmp" / "compare.csv").open()))
     assert [r["run"] for r in rows] == [str(first), str(second)]
     for row, path in zip(rows, (first, second)):
-        expected = json.loads((path / "analysis" / "summary.json").read_text())
+        expected = stored_summary(path)
         assert int(row["outlier features"]) == expected["num_outlier_features"]
         assert int(row["tokens"]) == expected["tokens"]
     assert rows[0]["top dims"] == "3, 7" and rows[1]["top dims"] == "9, 7"
@@ -157,4 +161,5 @@ def test_compare_builds_one_table_and_plot_across_runs(run, tmp_path):
 def test_compare_of_a_missing_run_is_one_line_and_exit_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "analysis", "compare", str(tmp_path / "none")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.startswith("error:") and "run.json" in done.stderr
+    assert done.returncode == 2 and done.stderr.startswith("error:") and "no run record" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

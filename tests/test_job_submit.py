@@ -6,7 +6,6 @@ job CLI and dashboard API need `RAY_AUTH_MODE=token` (they then read that token)
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from tests.conftest import free_port
+
+from tests.conftest import free_port, stored_record, stored_summary
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
@@ -56,7 +56,6 @@ def test_job_submit_runs_the_default_config(head, tmp_path):
     )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "| 7 |" in job.stdout and "| 77 |" in job.stdout
-    summary = json.loads((output / "analysis" / "summary.json").read_text())
-    assert [f["dim"] for f in summary["outlier_features"]] == [7, 77]
-    record = json.loads((output / "run.json").read_text())
-    assert record["status"] == "complete" and record["tokens"] == 8 * 128
+    assert [f["dim"] for f in stored_summary(output)["outlier_features"]] == [7, 77]
+    record = stored_record(output)
+    assert record.status == "complete" and record.tokens == 8 * 128

@@ -55,8 +55,8 @@ def scrape(url: str) -> dict:
 def test_stage_metrics_reach_the_prometheus_endpoint(metrics_head, tiny_checkpoint, tmp_path):
     config = load_config(run_config(tiny_checkpoint("qwen3_moe"), tmp_path / "run",
                                     data={"num_sequences": 8}))
-    record = execute(config, log=lambda *_: None)["record"]
-    stages = [entry["name"] for entry in record["plan"]]
+    record = execute(config, quiet=True)["record"]
+    stages = [entry.name for entry in record.plan]
     deadline, found = time.monotonic() + 60, {}
     while time.monotonic() < deadline:  # exported every report interval, not at once
         found = scrape(metrics_head)
@@ -65,7 +65,7 @@ def test_stage_metrics_reach_the_prometheus_endpoint(metrics_head, tiny_checkpoi
             break
         time.sleep(1)
     assert set(found) == set(NAMES)
-    for stage, stats in zip(stages, record["stage_stats"]):
+    for stage, stats in zip(stages, record.stage_stats):
         assert found["tokens_total"][stage] == 8 * 32  # every token through every stage
         assert found["micro_batches_total"][stage] == 2  # micro_batch_size 4
         assert found["bytes_written_total"][stage] == stats["bytes_written"] > 0
@@ -89,18 +89,25 @@ class Clock:
 
 
 def test_progress_prints_rate_and_eta_at_most_every_interval_and_at_the_end():
-    clock, lines = Clock(), []
-    progress = Progress({0: 100, 1: 100, 2: 100, 3: 100}, lines.append, every_s=5.0, clock=clock)
+    import io
+
+    clock, out = Clock(), io.StringIO()  # not a terminal: plain lines
+    progress = Progress({0: 100, 1: 100, 2: 100, 3: 100}, stream=out, every_s=5.0, clock=clock)
     commit = progress.wrap(lambda indices: None)
     clock.now = 1.0
     commit([0])
     clock.now = 2.0
     commit([1])  # within 5 s of the last line: not shown
+    lines = out.getvalue().splitlines()
     assert len(lines) == 1 and "1/4 micro-batches  100/400 tokens  100 tokens/s  ETA 0:03" in lines[0]
     clock.now = 4.0
     commit([2, 3])  # the end is always shown
+    lines = out.getvalue().splitlines()
     assert len(lines) == 2
     assert "100.0%" in lines[1] and "4/4 micro-batches  400/400 tokens  100 tokens/s  ETA 0:00" in lines[1]
+    quiet = io.StringIO()
+    Progress({0: 100}, quiet=True, stream=quiet).update([0])
+    assert quiet.getvalue() == ""
 
 
 def test_duration_formats_minutes_and_hours():

@@ -6,15 +6,13 @@ must equal, bit for bit, those of a 1-stage run on a single node of the same clu
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from actors.families import SITES
 from cluster.config import load_config
 from cluster.run import execute
-from tests.conftest import read_site
+from tests.conftest import read_site, stored_record, stored_summary
 from tests.test_run import run_config
 
 NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20}
@@ -40,8 +38,7 @@ def three_nodes():
 def run(checkpoint: str, output, num_stages: int) -> dict:
     config = load_config(run_config(checkpoint, output, pipeline={"num_stages": num_stages},
                                     analysis={"num_actors": 1}))
-    execute(config, log=lambda *_: None)
-    return json.loads((output / "run.json").read_text())
+    return execute(config, quiet=True)["record"]
 
 
 def test_three_stages_spread_one_per_node_and_match_one_node(three_nodes, planted_checkpoint, tmp_path):
@@ -50,23 +47,23 @@ def test_three_stages_spread_one_per_node_and_match_one_node(three_nodes, plante
     spread = run(planted_checkpoint, tmp_path / "spread", 3)
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 3
-    assert spread["placement"]["strategy"] == "SPREAD"
-    placed = [stage["node_id"] for stage in spread["plan"]]
+    assert spread.placement["strategy"] == "SPREAD"
+    placed = [stage.node_id for stage in spread.plan]
     assert set(placed) == nodes  # one stage on each node
-    assert placed == spread["placement"]["bundle_nodes"]  # where the plan said
-    assert [stage["cuda_visible_devices"] for stage in spread["plan"]] == ["0", "0", "0"]
-    assert [stage["name"] for stage in spread["plan"]] == [
+    assert placed == spread.placement["bundle_nodes"]  # where the plan said
+    assert [stage.cuda_visible_devices for stage in spread.plan] == ["0", "0", "0"]
+    assert [stage.name for stage in spread.plan] == [
         "stage-0 [layers 0-1]", "stage-1 [layers 2-3]", "stage-2 [layers 4-5]"]
+    assert stored_record(tmp_path / "spread") == spread
 
     single = run(planted_checkpoint, tmp_path / "single", 1)
-    assert single["placement"]["strategy"] == "PACK"
+    assert single.placement["strategy"] == "PACK"
     for layer in range(6):
         for site in SITES:
             ours, theirs = read_site(tmp_path / "spread", layer, site), read_site(tmp_path / "single", layer, site)
             for a, b in zip(ours, theirs):
                 assert np.array_equal(a, b), (layer, site)
-    summaries = [json.loads((tmp_path / name / "analysis" / "summary.json").read_text())
-                 for name in ("spread", "single")]
+    summaries = [stored_summary(tmp_path / name) for name in ("spread", "single")]
     assert summaries[0]["outlier_features"] == summaries[1]["outlier_features"]
     assert [f["dim"] for f in summaries[0]["outlier_features"]] == [5, 40]
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
 from actors import faults
 from cluster.config import load_config
-from cluster.run import RunError, execute
-from tests.conftest import fault_config
+from cluster.run import execute
+from common.errors import RunError
+from common.layout import RunLayout
+from tests.conftest import fault_config, stored_record
 from tests.test_faults import assert_same_tables, wait_for_commits
 
 NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20}
@@ -56,7 +59,7 @@ def start_run(config) -> tuple[threading.Thread, dict]:
 
     def target():
         try:
-            outcome["result"] = execute(config, log=lambda *_: None)
+            outcome["result"] = execute(config, quiet=True)
         except BaseException as err:  # handed to the test thread
             outcome["error"] = err
 
@@ -65,9 +68,9 @@ def start_run(config) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
-def remove_stage_node(cluster, workers, ledger, stage: int):
-    wait_for_commits(ledger, at_least=2, timeout_s=120)
-    node_id = json.loads(ledger.read_text())["plan"][stage]["node_id"]
+def remove_stage_node(cluster, workers, output, stage: int):
+    wait_for_commits(Path(RunLayout.of(str(output)).record), at_least=2, timeout_s=120)
+    node_id = stored_record(output).plan[stage].node_id
     (node,) = [w for w in workers if w.node_id == node_id]
     cluster.remove_node(node)
     return node
@@ -77,12 +80,12 @@ def test_lost_node_moves_its_stage_to_a_spare(cluster, planted_checkpoint, fault
     cluster, workers, slow = cluster
     output = tmp_path / "run"
     thread, outcome = start_run(load_config(gpu_config(planted_checkpoint, output)))
-    removed = remove_stage_node(cluster, workers, output / "run.json", stage=1)
+    removed = remove_stage_node(cluster, workers, output, stage=1)
     thread.join(timeout=240)
     assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
-    record = json.loads((output / "run.json").read_text())
-    assert record["status"] == "complete"
-    assert record["plan"][1]["node_id"] != removed.node_id  # the stage answered from elsewhere
+    record = stored_record(output)
+    assert record.status == "complete"
+    assert record.plan[1].node_id != removed.node_id  # the stage answered from elsewhere
     assert assert_same_tables(output, fault_free_run) == 12 * 32 * 12
 
 
@@ -93,19 +96,17 @@ def test_no_room_left_stops_clearly_and_resumes(cluster, planted_checkpoint, fau
     config = load_config(gpu_config(planted_checkpoint, output))
     cluster.remove_node(spare)  # only the two stage nodes remain
     thread, outcome = start_run(config)
-    remove_stage_node(cluster, workers[:2], output / "run.json", stage=1)
+    remove_stage_node(cluster, workers[:2], output, stage=1)
     thread.join(timeout=240)
     assert not thread.is_alive()
     assert isinstance(outcome.get("error"), RunError), outcome
     assert "could not be restarted within 20 s" in str(outcome["error"])
     assert "--resume" in str(outcome["error"])
-    record = json.loads((output / "run.json").read_text())
-    assert record["status"] == "stopped"
-    committed = [b for b in record["batches"].values() if b["status"] == "committed"]
-    assert 2 <= len(committed) < 12
+    record = stored_record(output)
+    assert record.status == "stopped" and 2 <= len(record.committed()) < 12
 
     cluster.add_node(**NODE)
     cluster.wait_for_nodes()
     slow.write_text("[]")
-    execute(config, resume=True, log=lambda *_: None)
+    execute(config, resume=True, quiet=True)
     assert assert_same_tables(output, fault_free_run) == 12 * 32 * 12

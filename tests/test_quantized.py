@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 
 from actors.anatomy import anatomy
 from actors.families import SITES
-from actors.shard import ModelLoadError, load_config, load_full
+from actors.shard import load_config, load_full
+from common.errors import ModelError
 from cluster.tiny_model import TinySpec, build_tiny
 from tests.conftest import read_site, reference_activations, run_stages, token_batch
 from tests.quantized import to_fp8, to_mxfp4
@@ -64,7 +65,7 @@ def test_quantized_release_runs_dequantized_and_equals_the_models_own_forward(
 
 def test_fp8_with_partial_tiles_is_refused_in_one_line(model_cache, tmp_path):
     path, _ = release(model_cache, tmp_path, "deepseek_v3", to_fp8, block=(24, 24))
-    with pytest.raises(ModelLoadError, match=r"^the checkpoint is quantized with 'fp8' in 24x24 tiles, and "
+    with pytest.raises(ModelError, match=r"^the checkpoint is quantized with 'fp8' in 24x24 tiles, and "
                                              r"\S+ \[\d+, \d+\] ends in a partial tile.*bf16 weights[^\n]*$"):
         anatomy(str(path), load_config(str(path)))
 
@@ -78,5 +79,5 @@ def test_a_quantization_no_stage_can_dequantize_is_refused_in_one_line(model_cac
     config = json.loads((dst / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (dst / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match=r"^the checkpoint is quantized with 'gptq'.*unquantized \(bf16\) release"):
+    with pytest.raises(ModelError, match=r"^the checkpoint is quantized with 'gptq'.*unquantized \(bf16\) release"):
         anatomy(str(dst), load_config(str(dst)))

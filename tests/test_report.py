@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,9 @@ import pytest
 
 from analysis import Criteria, analyse
 from analysis.report import FEATURE_KEYS, feature_table
+from common.layout import RunLayout
+from common.record import read_record, write_record
+from tests.conftest import stored_summary
 from tests.synthetic import (
     full_mask,
     plant,
@@ -64,7 +66,7 @@ def test_planted_dims_are_found_and_nothing_else(run):
 def test_summary_numbers_match_brute_force(run):
     path, acts, mask = run
     summary = analyse(str(path), Criteria(min_layer_fraction=0.0, min_token_fraction=0.0))
-    written = json.loads((path / "analysis/summary.json").read_text())
+    written = stored_summary(path)
     assert written == summary
     facts = (written["num_layers"], written["tokens"], written["seq_len"])
     assert facts == (4, int(mask.sum()), 6)
@@ -81,10 +83,11 @@ def test_summary_numbers_match_brute_force(run):
 def test_parquet_and_report_hold_the_same_features(run):
     path, _, _ = run
     summary = analyse(str(path))
-    table = pl.read_parquet(path / "analysis/outlier_features.parquet")
+    layout = RunLayout.of(str(path))
+    table = pl.read_parquet(layout.features)
     assert table.columns == FEATURE_KEYS
     assert table.to_dicts() == summary["outlier_features"]
-    report = (path / "report.md").read_text()
+    report = Path(layout.report("md")).read_text()
     assert HEADER in report and "max |x| >= 6.0" in report
     for dim in PLANTED:
         assert f"\n| {dim} | " in report
@@ -110,18 +113,19 @@ def test_exceedance_run_gives_the_dense_summary(tmp_path):
 
 def test_reports_open_with_the_model_the_data_and_the_date(run):
     path, _, _ = run
-    record = json.loads((path / "run.json").read_text())
-    record["config"].update(model={"path": "org/some-moe"}, data={"source": "corpus.jsonl", "split": "train",
-                                                                  "num_sequences": 4, "seq_len": 6})
-    record.update(model_type="qwen3_moe", dtype="bfloat16", created="2026-11-28T12:00:00+00:00")
-    (path / "run.json").write_text(json.dumps(record))
+    layout = RunLayout.of(str(path))
+    record = read_record(layout)
+    record.config.update(model={"path": "org/some-moe"}, data={"source": "corpus.jsonl", "split": "train",
+                                                               "num_sequences": 4, "seq_len": 6})
+    record.model_type, record.dtype, record.created = "qwen3_moe", "bfloat16", "2026-11-28T12:00:00+00:00"
+    write_record(layout, record)
     analyse(str(path))
-    head = (path / "report.md").read_text().splitlines()[:5]
+    head = Path(layout.report("md")).read_text().splitlines()[:5]
     assert head == ["# Outlier features", "",
                     "- model: `org/some-moe` (qwen3_moe, bfloat16)",
                     "- data: `corpus.jsonl`, 4 x 6 tokens",
                     "- run made: 2026-11-28T12:00:00+00:00"]
-    page = (path / "report.html").read_text()
+    page = Path(layout.report("html")).read_text()
     assert "<title>Outlier features: org/some-moe</title>" in page and "corpus.jsonl, 4 x 6 tokens" in page
 
 
@@ -141,14 +145,13 @@ def test_cli_prints_the_table_and_flags_override_config(run):
     done = cli(path, "--threshold", 40, "--layer-unit", "site")
     assert done.returncode == 0, done.stderr
     assert "0 outlier features" in done.stdout and "(none)" in done.stdout
-    written = json.loads((path / "analysis/summary.json").read_text())
-    assert written["criteria"]["layer_unit"] == "site"
+    assert stored_summary(path)["criteria"]["layer_unit"] == "site"
 
 
 def test_cli_missing_run_is_one_line_and_exit_2(tmp_path):
     done = cli(tmp_path / "nowhere")
     assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "no run.json" in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "no run record" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -161,14 +164,14 @@ def test_cli_bad_flag_value_names_the_key(run):
 
 def test_cli_corrupt_file_named_or_skipped_with_allow_partial(run):
     path, _, _ = run
-    bad = path / "activations/layer=1/site=ln_attn/part-0.parquet"
+    bad = Path(RunLayout.of(str(path)).dense(1, "ln_attn", 0))
     bad.write_bytes(bad.read_bytes()[:100])
     done = cli(path)
     assert done.returncode == 2 and str(bad) in done.stderr and "Traceback" not in done.stderr
     done = cli(path, "--allow-partial")
     assert done.returncode == 0, done.stderr
     assert "warning: skipping unreadable" in done.stderr and HEADER in done.stdout
-    assert json.loads((path / "analysis/summary.json").read_text())["skipped_files"] == [str(bad)]
+    assert stored_summary(path)["skipped_files"] == [str(bad)]
 
 
 def test_ray_actors_give_the_brute_force_summary(ray_cluster, tmp_path):

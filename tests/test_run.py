@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from actors.families import SITES
 from cluster.config import load_config
-from cluster.run import RunError, execute
-from tests.conftest import read_site, reference_activations
+from cluster.run import execute
+from common.errors import RunError
+from common.layout import EXCEEDANCES, STAGE_KINDS, RunLayout, batch_file
+from common.record import read_record, write_record
+from tests.conftest import read_site, reference_activations, stored_record, stored_summary
 
 
 def run_config(path: str, output, **sections) -> dict:
@@ -41,11 +44,11 @@ def test_ray_run_equals_single_forward(ray_cluster, planted_checkpoint, tmp_path
 
     config = load_config(run_config(planted_checkpoint, tmp_path / "run",
                                     model={"dtype": dtype}, pipeline={"num_stages": num_stages}))
-    result = execute(config, log=lambda *_: None)
-    record = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert record["status"] == "complete" and len(record["plan"]) == num_stages
-    assert all(b["status"] == "committed" for b in record["batches"].values())
-    assert set(record["timings"]) >= {"cluster_start_s", "load_s", "extract_s", "analysis_s", "total_s"}
+    result = execute(config, quiet=True)
+    record = stored_record(tmp_path / "run")
+    assert record.status == "complete" and len(record.plan) == num_stages
+    assert record.committed() == set(record.batches) == {0, 1, 2}
+    assert set(record.timings) >= {"cluster_start_s", "load_s", "extract_s", "analysis_s", "total_s"}
 
     tokens = packed_tokens(planted_checkpoint, config)
     expected = reference_activations(planted_checkpoint, dtype, tokens, torch.ones_like(tokens),
@@ -55,32 +58,31 @@ def test_ray_run_equals_single_forward(ray_cluster, planted_checkpoint, tmp_path
             seq, pos, act = read_site(tmp_path / "run", layer, site)
             assert len(seq) == tokens.numel()
             assert np.array_equal(act, expected[(layer, site)][seq, pos]), (layer, site)
-    assert result["record"]["tokens"] == tokens.numel()
+    assert result["record"].tokens == tokens.numel()
 
 
 def test_planted_dims_are_exactly_the_features_found(ray_cluster, planted_checkpoint, tmp_path):
-    result = execute(load_config(run_config(planted_checkpoint, tmp_path / "run")), log=lambda *_: None)
+    result = execute(load_config(run_config(planted_checkpoint, tmp_path / "run")), quiet=True)
     features = {f["dim"]: f for f in result["summary"]["outlier_features"]}
     assert set(features) == {5, 40}  # not 20 (one layer of six) nor 9 (scale 1.5)
     for feature in features.values():
         assert feature["layers"] == [0, 1, 2, 3]
         assert feature["layer_fraction"] == pytest.approx(4 / 6)
-    summary = json.loads((tmp_path / "run" / "analysis" / "summary.json").read_text())
-    assert [f["dim"] for f in summary["outlier_features"]] == [5, 40]
-    assert "| 5 |" in (tmp_path / "run" / "report.md").read_text()
+    assert [f["dim"] for f in stored_summary(tmp_path / "run")["outlier_features"]] == [5, 40]
+    assert "| 5 |" in Path(RunLayout.of(str(tmp_path / "run")).report("md")).read_text()
 
 
 def test_a_model_without_plants_has_no_outlier_features(ray_cluster, tiny_checkpoint, tmp_path):
-    result = execute(load_config(run_config(tiny_checkpoint("qwen3_moe"), tmp_path / "run")), log=lambda *_: None)
+    result = execute(load_config(run_config(tiny_checkpoint("qwen3_moe"), tmp_path / "run")), quiet=True)
     assert result["summary"]["outlier_features"] == []
 
 
 def test_output_holding_another_run_is_refused(ray_cluster, tiny_checkpoint, tmp_path):
     config = load_config(run_config(tiny_checkpoint("qwen3_moe"), tmp_path / "run",
                                     data={"num_sequences": 4}))
-    execute(config, log=lambda *_: None)
+    execute(config, quiet=True)
     with pytest.raises(RunError, match="already holds a run.*--resume"):
-        execute(config, log=lambda *_: None)
+        execute(config, quiet=True)
 
 
 def test_stage_actors_are_named_like_the_plan(ray_cluster, tiny_checkpoint, tmp_path):
@@ -115,22 +117,23 @@ def test_exceedance_run_resumed_with_another_split_counts_nothing_twice(ray_clus
         return load_config(run_config(planted_checkpoint, run, pipeline={"num_stages": num_stages},
                                       storage={"mode": "exceedances", "floor": 3.0}))
 
+    layout = RunLayout.of(str(run))
+
     def stored(kind: str) -> pl.DataFrame:
-        return pl.read_parquet(run / kind / "*" / "*.parquet").sort(pl.all())
+        return pl.read_parquet(layout.stage_files(kind)).sort(pl.all())
 
-    first = execute(config(2), log=lambda *_: None)
-    want = {kind: stored(kind) for kind in ("exceedances", "stats")}
-    assert len(want["exceedances"]) > 0
+    first = execute(config(2), quiet=True)
+    want = {kind: stored(kind) for kind in STAGE_KINDS}
+    assert len(want[EXCEEDANCES]) > 0
     # Interrupt: micro-batch 1 was written by both stages but never committed.
-    ledger = run / "run.json"
-    record = json.loads(ledger.read_text())
-    record["status"], record["batches"]["1"]["status"] = "running", "pending"
-    ledger.write_text(json.dumps(record))
+    record = read_record(layout)
+    record.status, record.batches[1].status = "running", "pending"
+    write_record(layout, record)
 
-    resumed = execute(config(3), resume=True, log=lambda *_: None)
+    resumed = execute(config(3), resume=True, quiet=True)
     for kind, table in want.items():
         assert stored(kind).equals(table), kind
-    redone = sorted(p.parent.name for p in (run / "exceedances").rglob("mb-000001.parquet"))
-    assert redone == ["layers=0-1", "layers=2-3", "layers=4-5"]
+    redone = sorted(path for path in layout.stage_files(EXCEEDANCES) if path.endswith(batch_file(1)))
+    assert redone == [layout.stage_table(EXCEEDANCES, layers, 1) for layers in (range(0, 2), range(2, 4), range(4, 6))]
     assert resumed["summary"]["outlier_features"] == first["summary"]["outlier_features"]
     assert [f["dim"] for f in first["summary"]["outlier_features"]] == [5, 40]

@@ -21,8 +21,11 @@ import pytest
 
 from cluster.config import load_config
 from cluster.run import execute
-from tests.test_run import run_config
+from common import files
+from common.layout import RunLayout, batch_file
+from common.record import read_record, write_record
 from tests.conftest import free_port, own_ray
+from tests.test_run import run_config
 
 REPO = Path(__file__).resolve().parent.parent
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
@@ -72,25 +75,16 @@ def ray_cluster(s3):
 
 def tables(uri: str) -> dict:
     """{relative path: pyarrow table} of every activation file in the run."""
-    fs, root = pafs.FileSystem.from_uri(uri)
-    infos = fs.get_file_info(pafs.FileSelector(f"{root}/activations", recursive=True))
-    return {
-        info.path.removeprefix(root): pq.read_table(info.path, filesystem=fs)
-        for info in infos if info.path.endswith(".parquet")
-    }
-
-
-def read_json(uri: str, name: str) -> dict:
-    fs, root = pafs.FileSystem.from_uri(uri)
-    with fs.open_input_stream(f"{root}/{name}") as stream:
-        return json.loads(stream.read())
+    layout = RunLayout.of(uri)
+    return {path.removeprefix(layout.root): pq.read_table(path, filesystem=layout.fs)
+            for path, _ in layout.batch_tables()}
 
 
 def test_run_on_s3_equals_the_local_run_resumes_and_reanalyses(ray_cluster, s3, planted_checkpoint, tmp_path):
     uri = s3("planted")
     config = load_config(run_config(planted_checkpoint, uri))
-    result = execute(config, log=lambda *_: None)
-    local = execute(load_config(run_config(planted_checkpoint, tmp_path / "local")), log=lambda *_: None)
+    result = execute(config, quiet=True)
+    local = execute(load_config(run_config(planted_checkpoint, tmp_path / "local")), quiet=True)
     assert [f["dim"] for f in result["summary"]["outlier_features"]] == [5, 40]
     assert result["summary"]["outlier_features"] == local["summary"]["outlier_features"]
     remote = tables(uri)
@@ -98,30 +92,28 @@ def test_run_on_s3_equals_the_local_run_resumes_and_reanalyses(ray_cluster, s3, 
     assert remote.keys() == tables(str(tmp_path / "local")).keys()
     for path, table in tables(str(tmp_path / "local")).items():
         assert table.equals(remote[path]), path
-    assert read_json(uri, "run.json")["status"] == "complete"
+    layout = RunLayout.of(uri)
+    assert read_record(layout).status == "complete"
 
     # Interrupt: micro-batch 1 never committed and its files gone; --resume redoes only it.
-    fs, root = pafs.FileSystem.from_uri(uri)
-    record = read_json(uri, "run.json")
-    record["status"], record["batches"]["1"]["status"] = "running", "pending"
-    with fs.open_output_stream(f"{root}/run.json") as out:
-        out.write(json.dumps(record).encode())
-    lost = [p for p in remote if p.endswith("mb-000001.parquet")]
+    record = read_record(layout)
+    record.status, record.batches[1].status = "running", "pending"
+    write_record(layout, record)
+    lost = [p for p in remote if p.endswith(batch_file(1))]
     for path in lost:
-        fs.delete_file(root + path)
-    execute(config, resume=True, log=lambda *_: None)
+        layout.fs.delete_file(layout.root + path)
+    execute(config, resume=True, quiet=True)
     again = tables(uri)
     assert again.keys() == remote.keys()
     assert all(again[path].equals(remote[path]) for path in remote)
-    record = read_json(uri, "run.json")
-    assert record["status"] == "complete"
-    assert all(batch["status"] == "committed" for batch in record["batches"].values())
+    record = read_record(layout)
+    assert record.status == "complete" and record.committed() == set(record.batches)
 
     # Re-analysis from the command line scans the tables where they are.
     done = subprocess.run([sys.executable, "-m", "analysis", uri, "--threshold", "7"],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| 5 |" in done.stdout and "| 40 |" in done.stdout
-    summary = read_json(uri, "analysis/summary.json")
+    summary = json.loads(files.read_bytes(layout.fs, layout.summary))
     assert summary["criteria"]["threshold"] == 7
     assert [f["dim"] for f in summary["outlier_features"]] == [5, 40]

@@ -1,27 +1,34 @@
-"""analysis/scan.py: dense and exceedance layouts read into the same two tables."""
+"""analysis.scan: dense and exceedance layouts read into the same two tables."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from actors.storage import float32_bar
 from analysis.criteria import feature_stats
-from analysis.scan import (
-    RunError,
-    Scanner,
-    check_complete,
-    list_partitions,
-    read_run,
-)
+from analysis.scan import Scanner, check_complete, list_partitions
+from common.errors import ConfigError, RunError
+from common.layout import RunLayout
+from common.record import read_record, write_record
+from common.threshold import float32_bar
 from tests.synthetic import SITES, full_mask, plant, random_activations, scan_tables, write_run
 
 PARTITIONS = [(layer, site) for layer in range(4) for site in SITES]
+
+
+def scanner(run, threshold: float, **kwargs) -> Scanner:
+    layout = RunLayout.of(str(run))
+    return Scanner(layout, read_record(layout), threshold, **kwargs)
+
+
+def part(run, layer: int, site: str, index: int) -> Path:
+    return Path(RunLayout.of(str(run)).dense(layer, site, index))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,7 @@ def ordered_stats(stats):
 def test_dense_scan_matches_numpy(tmp_path, run_data, threshold):
     acts, mask = run_data
     write_run(tmp_path, acts, mask, parts=3)
-    found = Scanner(str(tmp_path), threshold).scan(PARTITIONS)
+    found = scanner(tmp_path, threshold).scan(PARTITIONS)
     exceedances, stats = scan_tables(acts, mask, threshold)
     assert ordered_stats(found.stats).equals(ordered_stats(stats))
     assert ordered(found.exceedances).equals(ordered(exceedances))
@@ -63,9 +70,9 @@ def test_float16_files_read_like_float32(tmp_path, run_data):
     acts, mask = run_data
     wide = write_run(tmp_path / "f32", acts, mask, parts=2)
     mixed = write_run(tmp_path / "mixed", acts, mask, parts=2, float16_parts=(0,))
-    schema = pq.read_schema(mixed / "activations/layer=0/site=ln_attn/part-0.parquet")
+    schema = pq.read_schema(part(mixed, 0, "ln_attn", 0))
     assert str(schema.field("act").type.value_type) == "halffloat"
-    a, b = (Scanner(str(run), 6.0).scan(PARTITIONS) for run in (wide, mixed))
+    a, b = (scanner(run, 6.0).scan(PARTITIONS) for run in (wide, mixed))
     assert a.stats.equals(b.stats)
     assert ordered(a.exceedances).equals(ordered(b.exceedances))
 
@@ -76,7 +83,7 @@ def test_threshold_is_inclusive_and_exact_against_float32_values(tmp_path, stora
     acts[0, 0, 0, 0] = [np.float32(5.99), 6.0, -6.0]  # float32(5.99) is just below 5.99
     write_run(tmp_path, acts, storage=storage, floor=1.0)
     for threshold in (5.99, 6.0):
-        found = Scanner(str(tmp_path), threshold).scan([(0, "ln_attn")])
+        found = scanner(tmp_path, threshold).scan([(0, "ln_attn")])
         assert found.exceedances["dim"].to_list() == [1, 2]
         assert found.stats["count"].to_list() == [0, 1, 1]
     assert float(float32_bar(5.99)) >= 5.99 > float(np.nextafter(float32_bar(5.99), np.float32(0)))
@@ -87,7 +94,7 @@ def test_exceedance_layout_gives_dense_results(tmp_path, run_data, threshold):
     acts, mask = run_data
     dense = write_run(tmp_path / "dense", acts, mask)
     stored = write_run(tmp_path / "stored", acts, mask, storage="exceedances", floor=3.0)
-    a, b = (Scanner(str(run), threshold).scan(PARTITIONS) for run in (dense, stored))
+    a, b = (scanner(run, threshold).scan(PARTITIONS) for run in (dense, stored))
     assert ordered(a.exceedances).equals(ordered(b.exceedances))
     assert a.stats.sort("layer", "site", "dim").equals(b.stats.sort("layer", "site", "dim"))
     tokens = int(mask.sum())
@@ -99,19 +106,20 @@ def test_exceedance_layout_gives_dense_results(tmp_path, run_data, threshold):
 def test_threshold_below_floor_is_refused(tmp_path, run_data):
     acts, mask = run_data
     write_run(tmp_path, acts, mask, storage="exceedances", floor=3.0)
-    with pytest.raises(ValueError, match=r"analysis.threshold=2.0: below the run's storage floor"):
-        Scanner(str(tmp_path), 2.0)
+    with pytest.raises(ConfigError, match=r"analysis.threshold=2.0: below the run's storage floor"):
+        scanner(tmp_path, 2.0)
 
 
 def test_partitions_and_run_info_are_read_from_disk(tmp_path, run_data):
     acts, mask = run_data
     write_run(tmp_path, acts, mask)
-    info = read_run(tmp_path)
-    assert (info["num_layers"], info["hidden_size"], info["tokens"]) == (4, 24, int(mask.sum()))
-    assert list_partitions(tmp_path, info) == sorted(PARTITIONS)
+    layout = RunLayout.of(str(tmp_path))
+    record = read_record(layout)
+    assert (record.num_layers, record.hidden_size, record.tokens) == (4, 24, int(mask.sum()))
+    assert list_partitions(layout, record) == sorted(PARTITIONS)
     # The same run through a filesystem URI reads the same tables.
-    by_uri = Scanner(f"file://{tmp_path}", 6.0).scan(PARTITIONS[:2])
-    assert by_uri.stats.equals(Scanner(str(tmp_path), 6.0).scan(PARTITIONS[:2]).stats)
+    by_uri = scanner(f"file://{tmp_path}", 6.0).scan(PARTITIONS[:2])
+    assert by_uri.stats.equals(scanner(tmp_path, 6.0).scan(PARTITIONS[:2]).stats)
 
 
 def corrupt(path):
@@ -119,43 +127,36 @@ def corrupt(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-def test_corrupt_file_is_named_or_skipped(tmp_path, run_data):
+def test_corrupt_file_is_named_or_skipped(tmp_path, run_data, caplog):
     acts, mask = run_data
     write_run(tmp_path, acts, mask, parts=2)
-    bad = tmp_path / "activations/layer=2/site=ln_mlp/part-1.parquet"
+    bad = part(tmp_path, 2, "ln_mlp", 1)
     corrupt(bad)
     with pytest.raises(RunError, match=rf"{bad}: unreadable Parquet .*--allow-partial"):
-        Scanner(str(tmp_path), 6.0).scan(PARTITIONS)
-    with pytest.warns(UserWarning, match="skipping unreadable"):
-        found = Scanner(str(tmp_path), 6.0, allow_partial=True).scan(PARTITIONS)
+        scanner(tmp_path, 6.0).scan(PARTITIONS)
+    found = scanner(tmp_path, 6.0, allow_partial=True).scan(PARTITIONS)
+    assert f"skipping unreadable {bad}" in caplog.text
     assert found.skipped == [str(bad)]
     assert found.stats.height == len(PARTITIONS) * 24
-
-
-def test_missing_or_incomplete_run_json_is_explained(tmp_path, run_data):
-    with pytest.raises(RunError, match="no run.json"):
-        read_run(tmp_path)
-    (tmp_path / "run.json").write_text(json.dumps({"num_layers": 2}))
-    with pytest.raises(RunError, match=r"lacks \['hidden_size', 'tokens'\]"):
-        read_run(tmp_path)
 
 
 def test_hidden_size_mismatch_is_explained(tmp_path, run_data):
     acts, mask = run_data
     write_run(tmp_path, acts, mask)
-    info = json.loads((tmp_path / "run.json").read_text())
-    (tmp_path / "run.json").write_text(json.dumps({**info, "hidden_size": 32}))
+    layout = RunLayout.of(str(tmp_path))
+    write_record(layout, dataclasses.replace(read_record(layout), hidden_size=32))
     with pytest.raises(RunError, match="act has shape .* hidden_size=32"):
-        Scanner(str(tmp_path), 6.0).scan(PARTITIONS[:1])
+        scanner(tmp_path, 6.0).scan(PARTITIONS[:1])
 
 
-def test_missing_partition_fails_or_warns(tmp_path, run_data):
+def test_missing_partition_fails_or_warns(tmp_path, run_data, caplog):
     acts, mask = run_data
     write_run(tmp_path, acts, mask)
-    shutil.rmtree(tmp_path / "activations/layer=3/site=ln_mlp")
-    partitions = list_partitions(tmp_path, read_run(tmp_path))
+    layout = RunLayout.of(str(tmp_path))
+    shutil.rmtree(layout.dense_partition(3, "ln_mlp"))
+    partitions = list_partitions(layout, read_record(layout))
     assert partitions == sorted(PARTITIONS[:-1])
     with pytest.raises(RunError, match=r"lacks partitions \[\(3, 'ln_mlp'\)\].*--allow-partial"):
         check_complete(partitions, 4, allow_partial=False)
-    with pytest.warns(UserWarning, match="analysing the rest"):
-        check_complete(partitions, 4, allow_partial=True)
+    check_complete(partitions, 4, allow_partial=True)
+    assert "analysing the rest" in caplog.text

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from actors.anatomy import anatomy
-from actors.shard import ModelLoadError, ShardSpec, load_config, load_shard
+from actors.shard import ShardSpec, load_config, load_shard
+from common.errors import ModelError
 from cluster.tiny_model import TinySpec, build_tiny
 
 
@@ -98,7 +99,7 @@ def test_loading_a_shard_peaks_well_under_the_whole_checkpoint(model_cache):
 
 
 def test_a_missing_checkpoint_says_how_to_fix_it(tmp_path):
-    with pytest.raises(ModelLoadError, match=r"model.path='.*nope' could not be loaded.*local checkpoint directory"):
+    with pytest.raises(ModelError, match=r"model.path='.*nope' could not be loaded.*local checkpoint directory"):
         load_config(str(tmp_path / "nope"))
 
 
@@ -106,7 +107,7 @@ def test_a_decoder_the_table_cannot_map_is_refused_in_one_line(tmp_path):
     from transformers import MambaConfig
 
     config = MambaConfig(num_hidden_layers=1, hidden_size=32, vocab_size=64)
-    with pytest.raises(ModelLoadError, match=r"^model_type='mamba': MambaForCausalLM has no model.layers; "
+    with pytest.raises(ModelError, match=r"^model_type='mamba': MambaForCausalLM has no model.layers; "
                                              r"map its decoder in actors/families.py:FAMILIES.$"):
         anatomy(str(tmp_path), config, "float32")
 

@@ -1,0 +1,108 @@
+"""The driver's side of the run record: made at the start, kept up to date, resumed from.
+
+The record (common.record) is rewritten atomically as micro-batches are committed (written
+by every stage; at most once a second), so a run stopped at any point can be resumed from
+what it records as committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timezone
+
+from cluster.plan import plan_micro_batches
+from common import files
+from common.errors import RunError
+from common.layout import RunLayout
+from common.record import BatchRecord, RunRecord, StageRecord, read_record, write_record
+
+log = logging.getLogger(__name__)
+
+RESUME_KEYS = ("model", "data", "storage")  # what must match for committed files to be reused
+
+
+class Ledger:
+    """The run record of a run in progress.
+
+    Commits are written at most every `save_every_s` seconds (and by every other save):
+    rewriting a record that grows with the run after each of thousands of micro-batches
+    would cost quadratic I/O. A commit not yet saved is only re-run on resume.
+    """
+
+    def __init__(self, layout: RunLayout, record: RunRecord, save_every_s: float = 1.0):
+        self.layout = layout
+        self.record = record
+        self.save_every_s = save_every_s
+        self._saved_at = float("-inf")
+
+    def save(self) -> None:
+        write_record(self.layout, self.record)
+        self._saved_at = time.monotonic()
+
+    def commit(self, indices: list[int]) -> None:
+        for index in indices:
+            self.record.batches[index].status = "committed"
+        if time.monotonic() - self._saved_at >= self.save_every_s:
+            self.save()
+
+    def placed(self, infos: list[dict], names: list[str]) -> None:
+        """Merge each stage's own report (node, device, pid, bytes) into the stored plan."""
+        for entry, info in zip(self.record.plan, infos):
+            for key, value in {**info, "name": names[info["stage"]]}.items():
+                if hasattr(entry, key):
+                    setattr(entry, key, value)
+        self.save()
+
+
+def new_record(config, prepared) -> RunRecord:
+    """The record of a run about to start (`config`: a RunConfig; `prepared`: what run.prepare made)."""
+    body = prepared.anatomy
+    batches = plan_micro_batches(config.data.num_sequences, config.pipeline.micro_batch_size)
+    return RunRecord(
+        num_layers=body.num_layers, hidden_size=body.hidden_size, tokens=int(prepared.tokens.numel()),
+        storage_mode=config.storage.mode,
+        floor=config.storage.floor if config.storage.mode == "exceedances" else None,
+        seq_len=config.data.seq_len, num_sequences=config.data.num_sequences,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        config=config.to_dict(), output=files.absolute(config.storage.output),  # jobs run in a temp dir
+        model_path=prepared.model_path, model_type=body.model_type, family=body.family, dtype=body.dtype,
+        quantization=body.quantization,
+        plan=[StageRecord(stage=i, layers=[r.start, r.stop], param_bytes=b)
+              for i, (r, b) in enumerate(zip(prepared.stages, prepared.stage_bytes))],
+        batches={i: BatchRecord(seqs=[r.start, r.stop]) for i, r in enumerate(batches)},
+    )
+
+
+def same_run(old: dict, new: dict) -> bool:
+    """Whether a stored config produces the same micro-batches and files as `new`."""
+    def key(config):
+        config = json.loads(json.dumps(config, default=str))  # tuples and lists alike
+        return [config.get(k) for k in RESUME_KEYS], (config.get("pipeline") or {}).get("micro_batch_size")
+
+    return key(old) == key(new)
+
+
+def open_ledger(layout: RunLayout, record: RunRecord, resume: bool) -> Ledger:
+    """A fresh ledger, or the existing one when resuming the same run."""
+    ledger = Ledger(layout, record)
+    if files.exists(layout.fs, layout.record):
+        old = read_record(layout)
+        if not resume:
+            raise RunError(
+                f"storage.output={layout.uri!r} already holds a run (status {old.status!r}). "
+                "Pass --resume to continue it, or choose another --output."
+            )
+        if not same_run(old.config, record.config):
+            raise RunError(
+                f"--resume: the run in {layout.uri!r} was made with a different model, data, storage or "
+                "micro_batch_size; resume with the same config and flags, or choose another --output."
+            )
+        old.config, old.status = record.config, "running"
+        ledger.record = old
+        removed = files.remove_debris(layout.fs, layout.root) + layout.remove_uncommitted(old.committed())
+        if removed:
+            log.info("resume: removed %d partial or uncommitted files left by the interrupted run", removed)
+    ledger.save()
+    return ledger
