@@ -5,17 +5,30 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import RunConfig, load_config
+from cluster.config import load_config
 from cluster.tiny_model import TinySpec
 from common.errors import ConfigError
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
+def within(given, built, key=""):
+    """Every value the YAML gives is the value the built config holds (lists as lists)."""
+    if isinstance(given, dict):
+        for name, value in given.items():
+            within(value, built[name], f"{key}.{name}")
+    elif isinstance(given, list):
+        assert len(given) == len(built), key
+        for i, (a, b) in enumerate(zip(given, built)):
+            within(a, b, f"{key}[{i}]")
+    else:
+        assert given == built, f"{key}: {given!r} became {built!r}"
+
+
 @pytest.mark.parametrize("name", ["tiny_moe.yaml", "olmoe_1b_7b.yaml", "qwen3_30b_a3b.yaml"])
-def test_shipped_configs_load(name):
-    config = load_config(CONFIGS / name)
-    assert isinstance(config, RunConfig)
+def test_shipped_configs_load_with_every_value_they_give(name):
+    given = yaml.safe_load((CONFIGS / name).read_text())
+    within(given, load_config(CONFIGS / name).to_dict())
 
 
 def test_default_config_builds_a_planted_tiny_model():
