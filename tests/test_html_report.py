@@ -134,7 +134,8 @@ def test_exceedance_run_reports_without_a_median(tmp_path):
     layout = RunLayout.of(str(root))
     profile = pl.read_parquet(layout.profile)
     assert profile["median_abs"].null_count() == 4 and profile["top1"].min() == 30
-    assert decode(Path(layout.plot("massive")).read_bytes())
+    plot = decode(Path(layout.plot("massive")).read_bytes())
+    assert plot.format == "PNG" and min(plot.size) > 100
 
 
 def test_compare_builds_one_table_and_plot_across_runs(run, tmp_path):
