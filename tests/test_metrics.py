@@ -70,7 +70,7 @@ def test_stage_metrics_reach_the_prometheus_endpoint(metrics_head, tiny_checkpoi
         assert found["micro_batches_total"][stage] == 2  # micro_batch_size 4
         assert found["bytes_written_total"][stage] == stats["bytes_written"] > 0
         assert found["busy_seconds_total"][stage] > 0
-        assert found["write_queue_depth"][stage] >= 0
+        assert found["write_queue_depth"][stage] == 0  # the stage's last report: its writer drained
 
 
 def test_stage_metrics_are_a_no_op_without_ray_and_never_import_it():
