@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from actors.families import FamilyError, family_of, site_modules
+from actors.families import family_of, site_modules
+from actors.moe import moe_blocks
 from actors.layers import inner_model
 from actors.shard import DTYPES, causal_lm_class, dequantize_kwargs, has_experts, text_config
 from common.errors import ModelError
@@ -62,7 +63,8 @@ def _first_float_dtype(model_path: str) -> str:
     return "float32"
 
 
-def anatomy(model_path: str, config, dtype: str = "auto", experts_implementation: str | None = None) -> Anatomy:
+def anatomy(model_path: str, config, dtype: str = "auto", experts_implementation: str | None = None,
+            capture=None) -> Anatomy:
     """Inspect the checkpoint at `model_path` (config already read) on the meta device."""
     text = text_config(config)
     family = family_of(text.model_type)
@@ -90,11 +92,10 @@ def anatomy(model_path: str, config, dtype: str = "auto", experts_implementation
             f"model_type={config.model_type!r}: {type(model).__name__} has no "
             f"{family.inner}.{family.layers}; map its decoder in actors/families.py:FAMILIES."
         )
-    try:
-        for index, layer in enumerate(layers):
-            site_modules(family, layer, index, text.model_type)
-    except FamilyError as err:
-        raise ModelError(str(err)) from None
+    for index, layer in enumerate(layers):
+        site_modules(family, layer, index, text.model_type)
+    if capture is not None and (capture.routing or capture.experts):
+        _check_routing(family, dict(enumerate(layers)), text.model_type)
     layer_bytes = tuple(_bytes(layer) for layer in layers)
     embed_bytes = _bytes(getattr(inner, family.embed, None))
     placed = {id(p) for part in (layers, getattr(inner, family.embed, None), getattr(inner, family.norm, None),
@@ -105,6 +106,17 @@ def anatomy(model_path: str, config, dtype: str = "auto", experts_implementation
         hidden_size=text.hidden_size, dtype=resolved, layer_bytes=layer_bytes, embed_bytes=embed_bytes,
         shared_bytes=shared, experts=experts, quantization=quantization,
     )
+
+
+def _check_routing(family, layers: dict, model_type: str) -> None:
+    """Refuse routing and expert captures where no layer routes through a standard experts call."""
+    wanted = "capture.routing / capture.experts"
+    if not family.routed:
+        raise ModelError(f"{wanted}: model_type={model_type!r} ({family.name}) {family.routed_refusal}; "
+                         "turn them off for this family.")
+    if not moe_blocks(layers, family):
+        raise ModelError(f"{wanted}: model_type={model_type!r} has no layer with a routed experts module "
+                         f"(looked for mlp.{family.experts}); turn them off for this model.")
 
 
 def _quant_method(config) -> str | None:

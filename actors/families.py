@@ -25,8 +25,9 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from common.errors import ModelError
+from common.layout import SITES as TABLE_SITES
 
-SITES = {"ln_attn": "attention", "ln_mlp": "mlp"}  # site -> role
+SITES = dict(zip(TABLE_SITES, ("attention", "mlp")))  # site -> role
 
 
 class FamilyError(ModelError):
@@ -48,6 +49,10 @@ class Family:
     embed: str = "embed_tokens"
     norm: str = "norm"
     head: str = "lm_head"
+    experts: str = "experts"
+    """The routed experts module inside the MLP block, called as (hidden, top_k_index, top_k_weights)."""
+    routed_refusal: str | None = None
+    """Why routing and expert captures cannot work for this family (None: they can)."""
     carries: tuple = (0,)
     """What one decoder layer passes to the next, in the order the layer returns it: the
     argument at a position, or of a keyword name (default: the hidden states only)."""
@@ -61,6 +66,10 @@ class Family:
     """Why this family cannot be captured; refused before the cluster starts."""
     ray: bool = False
     """Tested through Ray as well as with in-process stages."""
+
+    @property
+    def routed(self) -> bool:
+        return self.routed_refusal is None
 
     @property
     def arity(self) -> int:
@@ -156,7 +165,9 @@ FAMILIES: dict[str, Family] = {
     "lfm2_moe": _family("LFM2-MoE (short convolutions + attention)", attention=("self_attn", "conv"),
                         mlp=("feed_forward",), scales=_ROUTED_SCALE,
                         tiny={"layer_types": ["conv", "conv", "full_attention"] * 2}),
-    "llama4_text": _family("Llama 4 (text)", mlp=("feed_forward",), scales={"floor_scale": 4, "attn_scale": 0.5}),
+    "llama4_text": _family("Llama 4 (text)", mlp=("feed_forward",), scales={"floor_scale": 4, "attn_scale": 0.5},
+                           routed_refusal="weights each token before its experts and runs every expert on "
+                                          "every token"),
     "longcat_flash": _family("LongCat-Flash", refuse=(
         "each layer holds two attention and two MLP blocks plus a shortcut MoE; the two sites are not one module each")),
     "mellum": _family("Mellum", tiny={"layer_types": ["full_attention", "sliding_attention"] * 3,

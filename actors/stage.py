@@ -21,12 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from actors import faults
-from actors.capture import Capture, CaptureError
+from actors.capture import Capture, CaptureConfig, CaptureError
+from actors.moe import MoeProbe, moe_blocks
 from actors.families import family_of
 from actors.layers import HandoffError, LayerSlice, inner_model, same_state
 from actors.metrics import StageMetrics
 from actors.shard import ShardSpec, load_shard
-from actors.writer import BackgroundWriter, MicroBatch, make_writer
+from actors.batch import MicroBatch
+from actors.writer import BackgroundWriter, make_writer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ class StageSpec:
     last: bool = False           # the last stage passes no hidden states on
     warm_up: tuple[int, int] = (1, 8)  # [batch, seq] of the warm-up forward: a micro-batch's shape
     storage: str = "dense"       # dense activations, or exceedances (|x| >= floor) plus stats
-    floor: float = 3.0           # smallest |x| kept in exceedances mode
+    floor: float = 3.0           # smallest |x| kept in exceedances mode (and counted per expert)
+    capture: CaptureConfig = CaptureConfig()  # routing, experts, residual
 
     @property
     def name(self) -> str:
@@ -83,7 +86,11 @@ class StageActor:
         decoder = getattr(inner_model(self.model, family), family.layers)
         self.slice = LayerSlice(self.model, family, spec.shard.layers, len(decoder))
         self.embed = getattr(inner_model(self.model, family), family.embed)
-        self.capture = Capture({i: decoder[i] for i in spec.shard.layers}, family, self.config.model_type)
+        layers = {i: decoder[i] for i in spec.shard.layers}
+        self.capture = Capture(layers, family, self.config.model_type, residual=spec.capture.residual)
+        wanted = spec.capture.routing or spec.capture.experts
+        self.moe = MoeProbe(moe_blocks(layers, family), spec.capture.routing, spec.capture.experts,
+                            spec.floor) if wanted else None
         self.unchecked = not self.slice.first  # the hand-off is checked on the first micro-batch
         self.warm_up()
         writer = make_writer(spec.output, spec.storage, spec.floor)
@@ -131,7 +138,7 @@ class StageActor:
         not carry (values the model derives from the embeddings before its first layer)."""
         self.embed.fill = "noise"
         try:
-            again, recaptured = self.run_layers(batch)
+            again, recaptured, _ = self.run_layers(batch)
         finally:
             self.embed.fill = "zeros"
         if not same_state(state, again) or any(
@@ -153,29 +160,40 @@ class StageActor:
             )
 
     @torch.no_grad()
-    def run_layers(self, batch: MicroBatch) -> tuple[tuple | None, dict]:
-        """The state after this stage's layers (None on the last stage) and the captures."""
+    def run_layers(self, batch: MicroBatch) -> tuple[tuple | None, dict, list]:
+        """The state after this stage's layers (None on the last stage), the site captures, and
+        the MoE captures as [(seqs, real-token mask, MoeProbe.pop())]."""
         ids = batch.input_ids.to(self.device)
         mask = batch.attention_mask.to(self.device)
         incoming = None if batch.hidden is None else tuple(
             None if t is None else t.to(self.device) for t in batch.hidden)
+        if self.moe:
+            self.moe.keep = mask.bool()
         try:
             onward = self.slice.run(ids, mask, incoming)
         except BaseException:
             self.capture.clear()
+            if self.moe:
+                self.moe.pop()
             raise
         # NOTE: some blocks take their input flattened to [batch * seq, hidden].
-        return onward, {key: value.reshape(*ids.shape, -1) for key, value in self.capture.pop().items()}
+        captured = {key: value.reshape(*ids.shape, -1) for key, value in self.capture.pop().items()}
+        wrong = [key for key, value in captured.items() if value.shape[-1] != self.config.hidden_size]
+        if wrong:
+            raise CaptureError(f"model_type={self.config.model_type!r}: layer {wrong[0][0]} {wrong[0][1]} is "
+                               f"{tuple(captured[wrong[0]].shape)}, not [batch, seq, {self.config.hidden_size}] "
+                               "(several residual streams?); turn capture.residual off for this family.")
+        return onward, captured, [(batch.seqs, batch.attention_mask.bool(), self.moe.pop())] if self.moe else []
 
     def forward(self, batch: MicroBatch) -> tuple[MicroBatch, list[int]]:
         """Run one micro-batch; returns it for the next stage, and micro-batches now committed."""
         started = time.perf_counter()
         faults.before_batch(self.spec.index, batch.index)
-        state, captured = self.run_split(batch)
+        state, captured, moe = self.run_split(batch)
         if self.unchecked:
             self.check_handoff(batch, state, captured)
             self.unchecked = False
-        self.writer.submit(batch, captured)
+        self.writer.submit(batch, captured, moe)
         # NOTE: the one device-to-host copy of the hidden states; the last stage has none.
         onward = None if state is None else tuple(None if t is None else t.cpu() for t in state)
         out = MicroBatch(batch.index, batch.seqs, batch.input_ids, batch.attention_mask, onward)
@@ -186,7 +204,7 @@ class StageActor:
         self._observe(tokens, busy_s, written)
         return out, written
 
-    def run_split(self, batch: MicroBatch) -> tuple[tuple | None, dict]:
+    def run_split(self, batch: MicroBatch) -> tuple[tuple | None, dict, list]:
         """`run_layers` and its captures; on out-of-memory, the two halves one after the other.
 
         Rows of a batch do not interact: the values are those of the halves run as
@@ -205,7 +223,7 @@ class StageActor:
             cut = len(batch.seqs) // 2
             parts = [self.run_split(batch.rows(rows)) for rows in (slice(0, cut), slice(cut, None))]
             captured = {key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1]}
-            return join_states([p[0] for p in parts]), captured
+            return join_states([p[0] for p in parts]), captured, parts[0][2] + parts[1][2]
 
     def flush(self) -> list[int]:
         """Block until every submitted micro-batch is written; returns those not yet reported."""
@@ -220,6 +238,8 @@ class StageActor:
         self.writer.close()
         self.capture.remove()
         self.slice.remove()
+        if self.moe:
+            self.moe.remove()
         return written
 
     def _observe(self, tokens: int, busy_s: float, written: list[int]) -> None:

@@ -26,9 +26,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from common import files
+from actors.batch import MicroBatch
+from actors.capture import RESIDUAL
+from actors.moe import moe_tables
+from common import files, histogram
 from common.config import choice
-from common.layout import EXCEEDANCES, STATS, RunLayout
+from common.layout import EXCEEDANCES, HISTOGRAMS, STATS, RunLayout
 from common.threshold import float32_bar
 
 
@@ -45,51 +48,6 @@ class StorageConfig:
 
     def __post_init__(self):
         choice("storage.mode", self.mode, ["dense", "exceedances"])
-
-
-@dataclass
-class MicroBatch:
-    """What travels from stage to stage: token metadata plus the state between layers."""
-
-    index: int                   # micro-batch number, the unit of commit
-    seqs: list[int]              # global sequence index of each row
-    input_ids: torch.Tensor      # [batch, seq]
-    attention_mask: torch.Tensor  # [batch, seq] 1 = token, 0 = padding
-    # What one decoder layer passes to the next: the hidden states # [batch, seq, hidden],
-    # and whatever else the family passes (actors/layers.py); None before stage 0.
-    hidden: tuple[torch.Tensor | None, ...] | None = None
-
-    # NOTE: Ray pickles a torch tensor by copying its bytes into the pickle stream; a numpy
-    # array goes out of band, straight into the object store and back without a copy. The
-    # hidden states therefore travel as their raw bytes in numpy: 8 MiB of bf16 [1, 2048, 2048]
-    # took 13-30 ms per hand-off as a tensor, ~7.5 ms as bytes (`python -m bench.transport`).
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        if self.hidden is not None:
-            state["hidden"] = tuple(None if t is None else to_wire(t) for t in self.hidden)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        if state.get("hidden") is not None:
-            state["hidden"] = tuple(None if t is None else from_wire(*t) for t in state["hidden"])
-        self.__dict__.update(state)
-
-    def rows(self, rows: slice) -> "MicroBatch":
-        """The micro-batch of some of its sequences."""
-        hidden = None if self.hidden is None else tuple(None if t is None else t[rows] for t in self.hidden)
-        return MicroBatch(self.index, self.seqs[rows], self.input_ids[rows], self.attention_mask[rows], hidden)
-
-
-def to_wire(tensor: torch.Tensor) -> tuple[np.ndarray, str, tuple[int, ...]]:
-    """A host tensor as (its bytes as a numpy array, dtype name, shape)."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy(), str(flat.dtype).removeprefix("torch."), tuple(tensor.shape)
-
-
-def from_wire(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """The tensor `to_wire` described; copied once when the bytes are read-only (object store)."""
-    raw = raw if raw.flags.writeable else raw.copy()
-    return torch.from_numpy(raw).view(getattr(torch, dtype)).reshape(shape)
 
 
 def valid_rows(acts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -121,14 +79,50 @@ DENSE_OPTIONS = {"use_dictionary": ["seq", "pos", "token_id"],
                  "write_statistics": ["seq", "pos", "token_id"], "compression": "none"}
 
 
-class ActivationWriter:
-    """Writes the dense activation tables of one stage's micro-batches."""
+def residual_histogram(captured: dict, keep: torch.Tensor) -> pa.Table | None:
+    """layer, bin, count of |x| of the residual site over the real tokens (common.histogram)."""
+    tables = []
+    for (layer, site), acts in sorted(captured.items()):
+        if site != RESIDUAL:
+            continue
+        magnitude = valid_rows(acts, keep).float().abs().contiguous()  # [rows, hidden]
+        counts = torch.bincount((magnitude.view(torch.int32) >> histogram.SHIFT).reshape(-1),
+                                minlength=histogram.BINS).cpu()
+        (bins,) = counts.nonzero(as_tuple=True)
+        tables.append(pa.table({"layer": pa.array([layer] * len(bins), pa.int32()),
+                                "bin": pa.array(bins.int().numpy()), "count": pa.array(counts[bins].numpy())}))
+    return pa.concat_tables(tables) if tables else None
+
+
+class StageTables:
+    """What both writers write besides the activations: the capture tables (routing, experts,
+    residual histograms) of a micro-batch, one file per kind in the stage's folder."""
 
     def __init__(self, output: str):
         self.layout = RunLayout.of(output)
         self.bytes_written = 0
 
-    def write(self, batch: MicroBatch, captured: dict[tuple[int, str], torch.Tensor]) -> None:
+    def write_side(self, batch: MicroBatch, captured: dict, moe: list | None) -> None:
+        keep = batch.attention_mask.bool()
+        tables = moe_tables(moe) if moe else {}
+        if (residual := residual_histogram(captured, keep)) is not None:
+            tables[HISTOGRAMS] = residual
+        layers = _stage_layers(captured)
+        for kind, table in tables.items():
+            path = self.layout.stage_table(kind, layers, batch.index)
+            self.bytes_written += files.write_table(self.layout.fs, path, table)
+
+
+def _stage_layers(captured: dict) -> range:
+    layers = [layer for layer, _ in captured]
+    return range(min(layers), max(layers) + 1)
+
+
+class ActivationWriter(StageTables):
+    """Writes the dense activation tables of one stage's micro-batches."""
+
+    def write(self, batch: MicroBatch, captured: dict[tuple[int, str], torch.Tensor], moe: list | None = None) -> None:
+        self.write_side(batch, captured, moe)
         keep = batch.attention_mask.bool().cpu()  # [batch, seq]
         rows, pos = keep.nonzero(as_tuple=True)
         columns = {
@@ -147,7 +141,7 @@ class ActivationWriter:
             self.bytes_written += files.write_table(self.layout.fs, path, table, **DENSE_OPTIONS)
 
 
-class ExceedanceWriter:
+class ExceedanceWriter(StageTables):
     """Writes, per micro-batch, the entries with |x| >= floor of every layer-site of the stage
     as one long table, and per-(layer, site, dim) statistics of all entries as another.
 
@@ -160,11 +154,11 @@ class ExceedanceWriter:
     CHUNK = 1 << 24  # float32 elements selected at once (64 MiB): bounds the device memory used
 
     def __init__(self, output: str, floor: float):
-        self.layout = RunLayout.of(output)
+        super().__init__(output)
         self.bar = float(float32_bar(floor))
-        self.bytes_written = 0
 
-    def write(self, batch: MicroBatch, captured: dict[tuple[int, str], torch.Tensor]) -> None:
+    def write(self, batch: MicroBatch, captured: dict[tuple[int, str], torch.Tensor], moe: list | None = None) -> None:
+        self.write_side(batch, captured, moe)
         keep = batch.attention_mask.bool().cpu()  # [batch, seq]
         rows, pos = keep.nonzero(as_tuple=True)
         seq = torch.as_tensor(batch.seqs, dtype=torch.int64)[rows]  # [tokens]
@@ -174,7 +168,7 @@ class ExceedanceWriter:
             part_kept, part_stats = self.select(torch.stack([valid_rows(captured[k], keep) for k in group]))
             kept.append(_tagged(part_kept, group, seq, pos))
             stats.append(_tagged_stats(part_stats, group))
-        layers = range(min(k[0] for k in keys), max(k[0] for k in keys) + 1)
+        layers = _stage_layers(captured)
         path = self.layout.stage_table(EXCEEDANCES, layers, batch.index)
         self.bytes_written += files.write_table(self.layout.fs, path, pa.concat_tables(kept))
         # NOTE: stats last: a stats file is what marks the micro-batch's layer-sites as present.
@@ -262,10 +256,10 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            batch, captured = job
+            batch, captured, moe = job
             try:
                 if self._error is None:
-                    self.writer.write(batch, captured)
+                    self.writer.write(batch, captured, moe)
                     with self._lock:
                         self._done.append(batch.index)
             except BaseException as err:  # surfaced to the stage by _raise_if_failed
@@ -278,9 +272,9 @@ class BackgroundWriter:
         if self._error is not None:
             raise RuntimeError(f"activation writer failed: {self._error!r}") from self._error
 
-    def submit(self, batch: MicroBatch, captured: dict) -> None:
+    def submit(self, batch: MicroBatch, captured: dict, moe: list | None = None) -> None:
         self._raise_if_failed()
-        self._jobs.put((batch, captured))
+        self._jobs.put((batch, captured, moe))
 
     def depth(self) -> int:
         """Micro-batches waiting for the writer."""

@@ -19,8 +19,10 @@ from analysis.html import write_visual_report
 from analysis.profile import median_abs
 from analysis.report import build_summary, feature_table, write_outputs
 from analysis.scan import Partial, Scanner, check_complete, list_partitions
+from analysis.view import moe_view
 from common.config import build, positive
-from common.layout import RunLayout
+from common.errors import ConfigError
+from common.layout import RESIDUAL, SITES, RunLayout
 from common.record import RunRecord, read_record
 
 __all__ = ["AnalysisConfig", "Criteria", "analyse", "feature_table", "run_criteria"]
@@ -28,38 +30,67 @@ __all__ = ["AnalysisConfig", "Criteria", "analyse", "feature_table", "run_criter
 
 @dataclass(frozen=True)
 class AnalysisConfig(Criteria):
-    """The `analysis:` config section: the criteria, and how many scan actors apply them."""
+    """The `analysis:` config section: the criteria, the MoE view's rules, and how many scan
+    actors apply them. The MoE view's defaults are its papers' (analysis.experts, .massive)."""
 
     num_actors: int = 2
     """Polars scan actors; layer-sites are split between them."""
+    super_expert_percentile: float = 99.5
+    """A super expert's max |output| exceeds this percentile of every routed expert's."""
+    super_expert_fraction: float = 0.1
+    """... and this fraction of the largest one."""
+    super_expert_layers: float = 0.75
+    """... and its layer lies in this first share of the layers."""
+    massive_threshold: float = 100.0
+    """A massive residual value has |x| above this ..."""
+    massive_ratio: float = 1000.0
+    """... and at least this many times its layer's median |x|."""
+    bootstrap_resamples: int = 1000
+    """Resamples of the sequences for the confidence intervals."""
+    bootstrap_seed: int = 0
+    confidence: float = 0.95
+    """Coverage of the confidence intervals."""
 
     def __post_init__(self):
         super().__post_init__()
         positive("analysis.num_actors", self.num_actors)
+        positive("analysis.bootstrap_resamples", self.bootstrap_resamples)
+        for name in ("super_expert_fraction", "super_expert_layers", "confidence"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"analysis.{name}={getattr(self, name)!r}: choose a fraction in (0, 1]")
+        if not 0 <= self.super_expert_percentile <= 100:
+            raise ConfigError(f"analysis.super_expert_percentile={self.super_expert_percentile!r}: choose 0-100")
 
     def criteria(self) -> Criteria:
         return Criteria(**{f.name: getattr(self, f.name) for f in fields(Criteria)})
 
 
+def run_settings(record: RunRecord) -> AnalysisConfig:
+    """The analysis section recorded in the run's configuration, defaults elsewhere."""
+    return build(AnalysisConfig, record.section("analysis"), "analysis")
+
+
 def run_criteria(record: RunRecord) -> Criteria:
     """The criteria recorded in the run's configuration, defaults elsewhere."""
-    return build(AnalysisConfig, record.section("analysis"), "analysis").criteria()
+    return run_settings(record).criteria()
 
 
 def analyse(run_dir: str, criteria: Criteria | None = None, num_actors: int = 2,
-            allow_partial: bool = False) -> dict:
+            allow_partial: bool = False, settings: AnalysisConfig | None = None) -> dict:
     """Analyse the run at `run_dir`, write its outputs, and return the summary dict.
 
-    `criteria` defaults to the run config's analysis section. `num_actors` is used only
-    when Ray is initialised; `allow_partial` skips unreadable files and missing
-    partitions with a warning instead of failing.
+    `settings` (the MoE view's rules) and `criteria` default to the run config's analysis
+    section. `num_actors` is used only when Ray is initialised; `allow_partial` skips
+    unreadable files and missing partitions with a warning instead of failing.
     """
     start = time.perf_counter()
     positive("analysis.num_actors", num_actors)
     layout = RunLayout.of(str(run_dir))
     record = read_record(layout)
-    criteria = run_criteria(record) if criteria is None else criteria
-    partitions = list_partitions(layout, record)
+    settings = run_settings(record) if settings is None else settings
+    criteria = settings.criteria() if criteria is None else criteria
+    found = list_partitions(layout, record)
+    partitions = [p for p in found if p[1] in SITES]
     check_complete(partitions, record.num_layers, allow_partial)
 
     partial = _scan(layout, record, criteria.threshold, partitions, num_actors, allow_partial)
@@ -67,10 +98,12 @@ def analyse(run_dir: str, criteria: Criteria | None = None, num_actors: int = 2,
     length = record.seq_len or record.section("data").get("seq_len") or int(partial.exceedances["pos"].max() or 0) + 1
     per_dim = feature_stats(partial.exceedances, partial.stats, record.num_layers, record.tokens, length)
     features = outlier_features(per_dim, criteria)
+    view = moe_view(layout, record, settings, criteria, partial, features,
+                    [p for p in found if p[1] == RESIDUAL])
     done = time.perf_counter()
 
     summary = build_summary(
-        record, criteria, features, seq_len=length, partitions=len(partitions), skipped_files=partial.skipped,
+        record, criteria, features, view, seq_len=length, partitions=len(partitions), skipped_files=partial.skipped,
         seconds={"scan": round(scanned - start, 3), "criteria": round(done - scanned, 3),
                  "total": round(done - start, 3)},
     )

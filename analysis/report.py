@@ -28,10 +28,15 @@ FEATURE_KEYS = [
 ]
 
 
-def build_summary(record: RunRecord, criteria: Criteria, features: pl.DataFrame, **extra) -> dict:
-    """The summary's content; `extra` adds run facts such as timings and skipped files."""
-    rows = features.select(FEATURE_KEYS).sort("dim").to_dicts()
+def build_summary(record: RunRecord, criteria: Criteria, features: pl.DataFrame, view: dict | None = None,
+                  **extra) -> dict:
+    """The summary's content: the features with their MoE view (analysis.view) merged in; `extra`
+    adds run facts such as timings and skipped files."""
+    view = view or {}
+    per_feature = view.get("per_feature", {})
+    rows = [{**row, **per_feature.get(row["dim"], {})} for row in features.select(FEATURE_KEYS).sort("dim").to_dicts()]
     kinds = [row["classification"] for row in rows]
+    parts = {key: view[key] for key in ("super_experts", "massive_activations", "residual_medians") if key in view}
     return {
         "run": run_facts(record),
         "criteria": criteria.as_dict(),
@@ -41,6 +46,7 @@ def build_summary(record: RunRecord, criteria: Criteria, features: pl.DataFrame,
         "storage_mode": record.storage_mode,
         "num_outlier_features": len(rows),
         "by_classification": {kind: kinds.count(kind) for kind in CLASSES},
+        **parts,
         **extra,
         "outlier_features": rows,
     }

@@ -251,6 +251,20 @@ class Scanner:
             return None
 
 
+def read_kind(layout: RunLayout, kind: str, columns: list[str] | None = None) -> pl.DataFrame | None:
+    """Every table of a stage kind (routing, experts, ...) as one frame; None if the run has none."""
+    paths = layout.stage_files(kind)
+    if not paths:
+        return None
+    if isinstance(layout.fs, pafs.LocalFileSystem):
+        return pl.read_parquet(paths, columns=columns, hive_partitioning=False)
+    frames = []
+    for path in paths:
+        with layout.fs.open_input_file(path) as handle:
+            frames.append(pl.read_parquet(handle, columns=columns, hive_partitioning=False))
+    return pl.concat(frames)
+
+
 def _among(partitions: list[tuple[int, str]]) -> pl.Expr:
     """Rows whose (layer, site) is one of `partitions` (a filter, not a join on a string key)."""
     layers: dict[str, list[int]] = {}

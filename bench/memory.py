@@ -43,7 +43,7 @@ def measure(cache_dir: str) -> dict:
 
     from actors.shard import ShardSpec
     from actors.stage import StageActor, StageSpec
-    from actors.writer import MicroBatch
+    from actors.batch import MicroBatch
     from cluster.tiny_model import TinySpec, build_tiny
 
     torch.set_num_threads(1)

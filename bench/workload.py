@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from cluster.tiny_model import default_plants
+from cluster.plants import default_plants
 
 FLOOR = 3.0  # exceedance mode keeps |x| >= FLOOR; the analysis threshold (6.0) is above it
 

@@ -2,7 +2,7 @@
 
 Each section is a frozen dataclass kept by the code that owns it (ModelConfig here,
 DataConfig in cluster.data, PipelineConfig in cluster.pipeline, StorageConfig in
-actors.writer, AnalysisConfig in analysis); `load_config` builds them with common.config,
+actors.writer, CaptureConfig in actors.capture, AnalysisConfig in analysis); `load_config` builds them with common.config,
 which rejects unknown keys (listing the valid ones) and wrong types (naming key, value and
 expected type). Each worker receives only its own section.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from actors.capture import CaptureConfig
 from actors.writer import StorageConfig
 from analysis import AnalysisConfig
 from cluster.data import DataConfig
@@ -55,6 +56,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     def to_dict(self) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from actors.stage import StageActor, StageSpec
-from actors.writer import MicroBatch
+from actors.batch import MicroBatch
 from common import logs
 from common.config import choice, positive
 from common.errors import ConfigError, RunError

@@ -16,7 +16,7 @@ import torch
 from actors.anatomy import Anatomy, anatomy
 from actors.shard import ShardSpec, checkpoint_dir, load_config, text_config
 from actors.stage import StageSpec
-from actors.writer import MicroBatch
+from actors.batch import MicroBatch
 from cluster import placement
 from cluster.config import RunConfig
 from cluster.data import load_texts, pack_sequences, shuffle_documents
@@ -24,6 +24,7 @@ from cluster.ledger import Ledger, new_record, open_ledger
 from cluster.plan import PlanError, describe, plan_micro_batches, plan_stages, stage_bytes
 from cluster.progress import Progress
 from cluster.tiny_model import build_tiny
+from common import files
 from common.layout import RunLayout
 from common.record import RunRecord
 
@@ -53,7 +54,7 @@ def prepare(config: RunConfig) -> Prepared:
     """Resolve the checkpoint, tokenize the data and plan the stages."""
     path = model_path(config)
     model_config = load_config(path)
-    body = anatomy(path, model_config, config.model.dtype, config.model.experts_implementation)
+    body = anatomy(path, model_config, config.model.dtype, config.model.experts_implementation, config.capture)
     limit = getattr(text_config(model_config), "max_position_embeddings", None)
     if limit and config.data.seq_len > limit:
         raise PlanError(
@@ -94,6 +95,7 @@ def stage_specs(config: RunConfig, prepared: Prepared, output: str) -> list[Stag
             warm_up=(pipe.micro_batch_size, config.data.seq_len),
             storage=config.storage.mode,
             floor=config.storage.floor,
+            capture=config.capture,
         )
         for index, layers in enumerate(prepared.stages)
     ]
@@ -106,6 +108,16 @@ def micro_batches(tokens: torch.Tensor, size: int, skip: set[int]) -> list[Micro
         for index, seqs in enumerate(plan_micro_batches(len(tokens), size))
         if index not in skip
     ]
+
+
+def write_tokens(layout: RunLayout, tokens: torch.Tensor) -> None:
+    """seq, pos, token_id of every token of the run # tokens [num_sequences, seq_len] (packed: no padding)."""
+    import pyarrow as pa
+
+    seq, pos = torch.meshgrid(torch.arange(tokens.shape[0]), torch.arange(tokens.shape[1]), indexing="ij")
+    files.write_table(layout.fs, layout.tokens, pa.table({
+        "seq": pa.array(seq.reshape(-1).numpy()), "pos": pa.array(pos.reshape(-1).int().numpy()),
+        "token_id": pa.array(tokens.reshape(-1).int().numpy())}))
 
 
 def place_stages(config: RunConfig, prepared: Prepared, ledger: Ledger):
@@ -171,6 +183,7 @@ def execute(config: RunConfig, resume: bool = False, quiet: bool = False) -> dic
     layout = RunLayout.of(config.storage.output)
     with layout.lock():
         ledger = open_ledger(layout, new_record(config, prepared), resume)
+        write_tokens(layout, prepared.tokens)
         log.info("model %s (%d layers, hidden %d)", prepared.model_path, ledger.record.num_layers,
                  ledger.record.hidden_size)
         log.info("%s", describe(prepared.stages, prepared.stage_bytes))

@@ -4,7 +4,9 @@
     RUN/.lock                                               held while a run writes
     RUN/activations/layer=<L>/site=<S>/mb-<i>.parquet       dense tables, one per layer-site and micro-batch
     RUN/<kind>/layers=<a>-<b>/mb-<i>.parquet                a stage's tables of micro-batch i, one
-                                                            per kind: exceedances, stats, ...
+                                                            per kind: exceedances, stats, routing,
+                                                            experts, expert_dims, histograms
+    RUN/tokens.parquet                                      seq, pos, token_id of every real token
     RUN/analysis/summary.json, outlier_features.parquet, layer_profile.parquet, plots/<name>.png
     RUN/report.md, RUN/report.html
 
@@ -22,9 +24,13 @@ import pyarrow.fs as pafs
 
 from common import files
 
+SITES = ("ln_attn", "ln_mlp")  # the inputs of the attention and MLP blocks: what the criteria read
+RESIDUAL = "resid"  # a decoder layer's output, with capture.residual
 DENSE = "activations"
 EXCEEDANCES, STATS = "exceedances", "stats"
-STAGE_KINDS = (EXCEEDANCES, STATS)  # one table per stage and micro-batch
+ROUTING, EXPERTS, EXPERT_DIMS, HISTOGRAMS = "routing", "experts", "expert_dims", "histograms"
+# One table per stage and micro-batch (the capture kinds only when captured).
+STAGE_KINDS = (EXCEEDANCES, STATS, ROUTING, EXPERTS, EXPERT_DIMS, HISTOGRAMS)
 _BATCH = re.compile(r"mb-(\d+)\.parquet")
 _PARTITION = re.compile(r"layer=(\d+)/site=([^/]+)$")
 _STAGE = re.compile(r"layers=(\d+)-(\d+)$")
@@ -67,6 +73,11 @@ class RunLayout:
     @property
     def record(self) -> str:
         return f"{self.root}/run.json"
+
+    @property
+    def tokens(self) -> str:
+        """seq, pos, token_id of every real token of the run."""
+        return f"{self.root}/tokens.parquet"
 
     def lock(self) -> files.RunLock:
         return files.RunLock(self.fs, f"{self.root}/.lock", self.uri)

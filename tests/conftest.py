@@ -9,10 +9,11 @@ import torch
 from actors.families import SITES, family_of
 from common import files
 from common.layout import RunLayout
-from common.record import RunRecord, read_record
+from common.record import RunRecord, read_record, write_record
 from actors.layers import inner_model
 from actors.shard import load_full
-from cluster.tiny_model import Plant, TinySpec, build_tiny
+from cluster.plants import Plant
+from cluster.tiny_model import TinySpec, build_tiny
 
 # Small enough to load in well under a second; 6 layers so 3 stages get 2 each.
 SMALL = dict(num_layers=6, hidden_size=64, num_experts=4, top_k=2, expert_size=32,
@@ -91,7 +92,7 @@ def run_stages(model_path, dtype, out, ids, mask, num_layers=6, num_stages=2, mi
     """Capture every layer through in-process stages, micro-batch by micro-batch; returns them."""
     from actors.shard import ShardSpec
     from actors.stage import StageActor, StageSpec
-    from actors.writer import MicroBatch
+    from actors.batch import MicroBatch
     from cluster.plan import plan_stages
 
     stages = [
@@ -106,6 +107,26 @@ def run_stages(model_path, dtype, out, ids, mask, num_layers=6, num_stages=2, mi
             batch, _ = stage.forward(batch)
     for stage in stages:
         stage.flush()
+    return stages
+
+
+def in_process_run(model_path, dtype, out, ids, mask, num_layers=6, num_stages=2, micro_batch=2, **spec):
+    """`run_stages`, then the run record and the tokens table analysis reads; returns the stages."""
+    import pyarrow as pa
+
+    stages = run_stages(model_path, dtype, out, ids, mask, num_layers=num_layers, num_stages=num_stages,
+                        micro_batch=micro_batch, **spec)
+    layout = RunLayout.of(str(out))
+    mode, floor = spec.get("storage", "dense"), spec.get("floor", 3.0)
+    write_record(layout, RunRecord(
+        num_layers=num_layers, hidden_size=stages[0].config.hidden_size, tokens=int(mask.sum()),
+        storage_mode=mode, floor=floor if mode == "exceedances" else None, seq_len=ids.shape[1],
+        num_sequences=len(ids), dtype=str(stages[0].model.dtype).removeprefix("torch."),
+        config={"data": {"seq_len": ids.shape[1]}, "analysis": {}}))
+    seq, pos = mask.bool().nonzero(as_tuple=True)
+    files.write_table(layout.fs, layout.tokens, pa.table({
+        "seq": pa.array(seq.numpy()), "pos": pa.array(pos.int().numpy()),
+        "token_id": pa.array(ids[mask.bool()].int().numpy())}))
     return stages
 
 

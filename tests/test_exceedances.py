@@ -18,9 +18,9 @@ from analysis.criteria import Criteria, feature_stats
 from analysis.scan import Scanner, list_partitions
 from common.errors import ConfigError
 from common.layout import EXCEEDANCES, STATS, RunLayout
-from common.record import RunRecord, read_record, write_record
+from common.record import read_record
 from common.threshold import float32_bar
-from tests.conftest import run_stages, token_batch
+from tests.conftest import in_process_run, token_batch
 
 FLOOR = 3.0
 THRESHOLDS = [3.0, 4.5, 6.0, 10.0]
@@ -29,11 +29,8 @@ BATCH, SEQ, PAD, LAYERS = 4, 32, 5, 6
 
 def extract(model_path, dtype, mode, out, ids, mask, num_stages=2, micro_batch=2) -> dict:
     """Run in-process stages over the tokens, write the run record; returns {'bytes': ...}."""
-    stages = run_stages(model_path, dtype, out, ids, mask, num_layers=LAYERS, num_stages=num_stages,
-                        micro_batch=micro_batch, storage=mode, floor=FLOOR)
-    write_record(RunLayout.of(str(out)), RunRecord(
-        num_layers=LAYERS, hidden_size=stages[0].config.hidden_size, tokens=int(mask.sum()), storage_mode=mode,
-        floor=FLOOR if mode == "exceedances" else None, config={"data": {"seq_len": SEQ}, "analysis": {}}))
+    stages = in_process_run(model_path, dtype, out, ids, mask, num_layers=LAYERS, num_stages=num_stages,
+                            micro_batch=micro_batch, storage=mode, floor=FLOOR)
     return {"bytes": sum(s.stats()["bytes_written"] for s in stages)}
 
 

@@ -15,16 +15,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import transformers
 
 from actors.anatomy import anatomy
+from actors.capture import CaptureConfig
+from actors.layers import inner_model
 from actors.families import FAMILIES, SITES, support_table
 from actors.shard import load_config
 from analysis.criteria import Criteria, feature_stats, outlier_features
 from analysis.scan import Scanner
 from cluster.plan import stage_bytes
-from cluster.tiny_model import Plant, TinySpec, build_tiny
+from cluster.plants import Plant
+from cluster.tiny_model import TinySpec, build_tiny
 from common.layout import RunLayout
 from common.record import RunRecord
 from tests.conftest import read_site, reference_activations, run_stages, stored_record, token_batch
@@ -71,9 +75,13 @@ def test_stages_equal_the_models_own_forward(family_checkpoint, tmp_path, model_
     expected = reference_activations(path, "float32", ids, mask, micro_batch=2)
     keep = mask.bool().numpy()
     body = anatomy(path, load_config(path))
+    routed = reference_routing(path, ids, mask) if FAMILIES[model_type].routed else {}
     for num_stages in (1, 2, 3):
         out = tmp_path / f"stages-{num_stages}"
-        stages = run_stages(path, "float32", out, ids, mask, num_layers=LAYERS, num_stages=num_stages, micro_batch=2)
+        # The 2-stage run also captures routing and experts: the sites must not change.
+        capture = CaptureConfig(routing=True, experts=True) if routed and num_stages == 2 else CaptureConfig()
+        stages = run_stages(path, "float32", out, ids, mask, num_layers=LAYERS, num_stages=num_stages, micro_batch=2,
+                            capture=capture)
         held = [sum(p.numel() * p.element_size() for p in stage.model.parameters()) for stage in stages]
         plan = stage_bytes([s.spec.shard.layers for s in stages], list(body.layer_bytes), body.embed_bytes,
                            body.shared_bytes)
@@ -84,10 +92,54 @@ def test_stages_equal_the_models_own_forward(family_checkpoint, tmp_path, model_
                 want = expected[(layer, site)][keep]
                 assert np.array_equal(act, want), (
                     f"{num_stages} stages, layer {layer} {site}: max diff {np.abs(act - want).max()}")
+    if routed:
+        assert_routing_and_experts(tmp_path / "stages-2", routed, keep)
     # Planted in the embeddings, the dim is carried by the residual stream: it exceeds at every
     # token of every layer (random-init dims may cross the low threshold too, but less far).
     found = planted_feature(tmp_path / "stages-3", int(keep.sum()))
     assert (found.get("layer_fraction"), found.get("token_fraction"), found["largest"]) == (1.0, 1.0, True)
+
+
+def reference_routing(path: str, ids, mask) -> dict[int, tuple]:
+    """{layer: (top_k_index, top_k_weights) # [tokens, k], shared experts} as a plain forward calls
+    each experts module."""
+    import torch
+
+    from actors.moe import moe_blocks
+    from actors.shard import load_full
+
+    model = load_full(path, "float32")
+    family = FAMILIES[model.config.model_type]
+    blocks = moe_blocks(dict(enumerate(getattr(inner_model(model, family), family.layers))), family)
+    calls: dict = {}
+    for index, (experts, _) in blocks.items():
+        experts.register_forward_pre_hook(
+            lambda _m, args, kwargs, index=index: calls.setdefault(index, []).append(
+                (args + tuple(kwargs.values()))[1:3]), with_kwargs=True)
+    with torch.inference_mode():
+        for rows in (slice(0, 2), slice(2, 4)):
+            model(input_ids=ids[rows], attention_mask=mask[rows])
+    return {i: (*(torch.cat([c[j] for c in found]) for j in (0, 1)), len(blocks[i][1])) for i, found in calls.items()}
+
+
+def assert_routing_and_experts(run, routed: dict, keep) -> None:
+    """The routing table is the experts calls' routing, and each layer's experts table counts it."""
+    from analysis.scan import read_kind
+    from common.layout import EXPERTS, ROUTING
+
+    layout = RunLayout.of(str(run))
+    routing = read_kind(layout, ROUTING).sort("layer", "seq", "pos", "rank")
+    summary = read_kind(layout, EXPERTS)
+    real = keep.reshape(-1)
+    assert sorted(routing["layer"].unique().to_list()) == sorted(routed)
+    for layer, (index, weights, shared) in routed.items():
+        mine = routing.filter(layer=layer)
+        assert np.array_equal(mine["expert"].to_numpy(), index.numpy()[real].reshape(-1)), layer
+        assert np.array_equal(mine["weight"].to_numpy(), weights.float().numpy()[real].reshape(-1)), layer
+        counted = summary.filter(pl.col("layer") == layer, pl.col("expert") >= 0)["tokens"].sum()
+        assert counted == index[real].numel(), layer
+        # A shared expert (-1) sees every real token.
+        assert summary.filter(layer=layer, expert=-1)["tokens"].sum() == int(real.sum()) * shared, layer
 
 
 @pytest.mark.parametrize("model_type", sorted(t for t, f in FAMILIES.items() if f.ray))

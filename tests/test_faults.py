@@ -19,7 +19,7 @@ from actors import faults
 from actors.families import SITES
 from actors.shard import ShardSpec
 from actors.stage import StageActor, StageSpec
-from actors.writer import MicroBatch
+from actors.batch import MicroBatch
 from cluster.config import load_config
 from cluster.run import execute
 from common.layout import RunLayout

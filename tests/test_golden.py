@@ -80,7 +80,7 @@ def test_hidden_states_cross_between_stages_out_of_band_and_exact(dtype):
 
     import torch
 
-    from actors.writer import MicroBatch
+    from actors.batch import MicroBatch
 
     hidden = torch.randn(2, 9, 16).to(getattr(torch, dtype))[:, ::2]  # [batch, seq, hidden], strided
     hidden[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -0.0])

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cluster import tiny_model
 from cluster.data import load_texts, pack_sequences
-from cluster.tiny_model import DEFAULT_PLANTS, Plant, TinySpec, build_tiny, spec_digest
+from cluster.plants import DEFAULT_OUTLIER_DIMS, DEFAULT_PLANTS, Plant
+from cluster.tiny_model import TinySpec, build_tiny, spec_digest
 
 STRONG = Plant(dim=7, layers=[0, 1, 2], scale=40.0)
 LONE = Plant(dim=100, layers=[3], scale=40.0, sites=["ln_mlp"])
@@ -77,7 +78,7 @@ def test_spec_is_hashable_and_digest_tracks_content():
 
 def test_default_plants_fit_the_default_spec():
     spec = TinySpec(plants=DEFAULT_PLANTS)
-    assert {plant.dim for plant in spec.plants} >= set(tiny_model.DEFAULT_OUTLIER_DIMS)
+    assert {plant.dim for plant in spec.plants} >= set(DEFAULT_OUTLIER_DIMS)
 
 
 # ---------------------------------------------------------------- build and cache

@@ -1,0 +1,212 @@
+"""What only a Mixture-of-Experts layer has: its routing, and what each expert writes.
+
+In transformers 5 an MoE block calls its fused experts module as
+`experts(hidden_states, top_k_index, top_k_weights)`: the routing exactly as the router
+computed it, and every expert's weights in one module. `MoeProbe` watches that call:
+
+- routing: the top-k of every token (`top_k_index`, `top_k_weights` # [tokens, k]);
+- experts: the output of each routed (token, expert) pair before its routing weight,
+  got by calling the same module again with one expert per row and a weight of 1 (the
+  same pairs, so the same per-expert groups: bit for bit what the block computed), and
+  of each shared expert (expert -1, a plain MLP beside the routed ones). It is reduced
+  on the device to per-expert counts and maxima; no per-token output leaves it.
+
+The model's own forward is never changed: the second call only reads.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from actors.families import Family
+from common.errors import ModelError
+
+SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
+SHARED = -1  # the expert id of a shared expert
+
+
+def moe_blocks(layers: dict[int, nn.Module], family: Family) -> dict[int, tuple[nn.Module, list[nn.Module]]]:
+    """{layer: (routed experts module, shared expert modules)} of the layers that route tokens."""
+    blocks = {}
+    for index, layer in layers.items():
+        mlp = family.role_module(layer, "mlp")
+        experts = getattr(mlp, family.experts, None)
+        if isinstance(experts, nn.Module):
+            shared = [m for owner in (mlp, layer) for name in SHARED_NAMES
+                      if isinstance(m := getattr(owner, name, None), nn.Module)]
+            blocks[index] = (experts, shared)
+    return blocks
+
+
+def num_experts(experts: nn.Module) -> int:
+    count = getattr(experts, "num_experts", None)
+    if not isinstance(count, int):
+        raise ModelError(f"{type(experts).__name__} does not say how many experts it holds (num_experts)")
+    return count
+
+
+class MoeProbe:
+    """Hooks on the MoE blocks of a stage's layers; `pop()` after each forward."""
+
+    def __init__(self, blocks: dict[int, tuple[nn.Module, list[nn.Module]]], routing: bool, experts: bool,
+                 floor: float):
+        self.routing, self.experts, self.floor = routing, experts, floor
+        self.keep: torch.Tensor | None = None  # [batch, seq] the real tokens of the current micro-batch
+        self.taken: dict = {}
+        self._inside = False
+        self._handles = []
+        for index, (module, shared) in blocks.items():
+            size = num_experts(module)
+            self._handles.append(module.register_forward_hook(self._routed(index, size), with_kwargs=True))
+            if experts:
+                self._handles += [m.register_forward_hook(self._shared(index)) for m in shared]
+
+    def _routed(self, layer: int, size: int):
+        def hook(module, args, kwargs, _output):
+            if self._inside:
+                return
+            hidden, index, weights = _routing_call(args, kwargs)
+            taken = self.taken.setdefault(layer, {})
+            if self.routing:
+                taken["routing"] = (index.detach(), weights.detach())
+            if self.experts:
+                taken["experts"] = self._reduce(self._per_pair(module, hidden, index), index.reshape(-1), size,
+                                                index.shape[-1])
+
+        return hook
+
+    def _shared(self, layer: int):
+        def hook(_module, _args, output):
+            if self._inside:
+                return
+            out = output[0] if isinstance(output, tuple) else output
+            out = out.reshape(-1, out.shape[-1])  # [tokens, hidden]
+            ids = torch.zeros(len(out), dtype=torch.long, device=out.device)
+            self.taken.setdefault(layer, {})["shared"] = self._reduce(out, ids, 1, 1)
+
+        return hook
+
+    def _per_pair(self, module: nn.Module, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Each routed (token, expert) pair's output before its weight # [tokens * k, hidden]."""
+        k = index.shape[-1]
+        rows = hidden.reshape(-1, hidden.shape[-1]).repeat_interleave(k, dim=0)  # [tokens * k, hidden]
+        one = index.reshape(-1, 1)
+        self._inside = True
+        try:
+            out = module(rows, one, torch.ones(one.shape, dtype=hidden.dtype, device=hidden.device))
+        finally:
+            self._inside = False
+        return out.reshape(len(rows), -1)
+
+    def _reduce(self, out: torch.Tensor, expert: torch.Tensor, size: int, k: int) -> dict:
+        """Per-expert statistics of outputs # [pairs, hidden] of `expert` # [pairs], real tokens only."""
+        device = out.device
+        real = self.keep.reshape(-1).to(device).repeat_interleave(k)  # [pairs]
+        magnitude = out.float().abs()[real]  # [rows, hidden]
+        expert, token = expert[real], real.nonzero().squeeze(1) // k
+        rows = len(magnitude)
+        stats = {
+            "tokens": torch.bincount(expert, minlength=size),
+            "count": torch.zeros(size, out.shape[1], dtype=torch.long, device=device).index_add_(
+                0, expert, (magnitude >= self.floor).long()),
+            "dim_max": torch.zeros(size, out.shape[1], device=device).scatter_reduce_(
+                0, expert.unsqueeze(1).expand(-1, out.shape[1]), magnitude, "amax"),
+        }
+        if rows == 0:
+            none = torch.full((size,), -1, dtype=torch.long, device=device)
+            return {**stats, "max_abs": torch.zeros(size, device=device), "dim": none, "token": none}
+        peak, dim = magnitude.max(dim=1)  # [rows]
+        best = torch.zeros(size, device=device).scatter_reduce(0, expert, peak, "amax")
+        # The first row that reaches its expert's maximum says where the maximum is.
+        order = torch.arange(rows, device=device)
+        first = torch.full((size,), rows, device=device).scatter_reduce(
+            0, expert, torch.where(peak == best[expert], order, rows), "amin")
+        found, at = first < rows, first.clamp(max=rows - 1)
+        return {**stats, "max_abs": best, "dim": torch.where(found, dim[at], -1),
+                "token": torch.where(found, token[at], -1)}
+
+    def pop(self) -> dict:
+        taken, self.taken = self.taken, {}
+        return taken
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _routing_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden_states, top_k_index, top_k_weights) of an experts call, positional or by name."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = [*args, *[kwargs[n] for n in names[len(args):] if n in kwargs]]
+    if len(values) < 3 or not all(isinstance(v, torch.Tensor) for v in values[:3]):
+        raise ModelError("the experts module was not called with (hidden_states, top_k_index, top_k_weights)")
+    return values[0], values[1], values[2]
+
+
+def moe_tables(parts: list[tuple[list[int], torch.Tensor, dict]]) -> dict[str, "pa.Table"]:
+    """The routing and expert tables of one micro-batch, from (seqs, real-token mask # [batch, seq],
+    `MoeProbe.pop()`) of each forward that ran it (two when it was split in halves); made on the host.
+
+    routing      layer, seq, pos, rank, expert, weight          one row per real token and rank
+    experts      layer, expert, tokens, max_abs, dim, seq, pos  one row per expert (shared: -1)
+    expert_dims  layer, expert, dim, count, max_abs             outputs >= floor, where any
+    """
+    import pyarrow as pa
+
+    rows = {"routing": [], "experts": [], "expert_dims": []}
+    for seqs, keep, taken in parts:
+        where, seq_len = torch.as_tensor(seqs, dtype=torch.long), keep.shape[1]
+        for layer, found in sorted(taken.items()):
+            if "routing" in found:
+                rows["routing"].append(_routing_rows(layer, *found["routing"], where, keep.reshape(-1).cpu(), seq_len))
+            for name, first in (("experts", 0), ("shared", SHARED)):
+                if name in found:
+                    summary, dims = _expert_rows(layer, found[name], first, where, seq_len)
+                    rows["experts"].append(summary)
+                    rows["expert_dims"].append(dims)
+    return {kind: pa.concat_tables(tables) for kind, tables in rows.items() if tables}
+
+
+def _routing_rows(layer: int, index: torch.Tensor, weights: torch.Tensor, seqs: torch.Tensor, real: torch.Tensor,
+                  seq_len: int):
+    import pyarrow as pa
+
+    index, weights = index.cpu()[real], weights.float().cpu()[real]  # [real tokens, k]
+    token, rank = torch.meshgrid(real.nonzero().squeeze(1), torch.arange(index.shape[1]), indexing="ij")
+    return pa.table({
+        "layer": pa.array([layer] * index.numel(), pa.int32()),
+        "seq": pa.array(seqs[token.reshape(-1) // seq_len].numpy()),
+        "pos": pa.array((token.reshape(-1) % seq_len).int().numpy()),
+        "rank": pa.array(rank.reshape(-1).int().numpy()),
+        "expert": pa.array(index.reshape(-1).int().numpy()),
+        "weight": pa.array(weights.reshape(-1).numpy()),
+    })
+
+
+def _expert_rows(layer: int, stats: dict, first: int, seqs: torch.Tensor, seq_len: int):
+    """(summary table, per-dim table); expert ids start at `first` (-1: the shared expert)."""
+    import pyarrow as pa
+
+    stats = {k: v.cpu() for k, v in stats.items()}
+    size = len(stats["tokens"])
+    ids = torch.arange(size) + first if first >= 0 else torch.full((size,), SHARED)
+    token = stats["token"].clamp(min=0)
+    summary = pa.table({
+        "layer": pa.array([layer] * size, pa.int32()),
+        "expert": pa.array(ids.int().numpy()),
+        "tokens": pa.array(stats["tokens"].numpy()),
+        "max_abs": pa.array(stats["max_abs"].numpy()),
+        "dim": pa.array(stats["dim"].int().numpy()),
+        "seq": pa.array(torch.where(stats["token"] >= 0, seqs[token // seq_len], -1).numpy()),
+        "pos": pa.array(torch.where(stats["token"] >= 0, token % seq_len, -1).int().numpy()),
+    })
+    expert, dim = stats["count"].nonzero(as_tuple=True)
+    dims = pa.table({
+        "layer": pa.array([layer] * len(expert), pa.int32()),
+        "expert": pa.array(ids[expert].int().numpy()),
+        "dim": pa.array(dim.int().numpy()),
+        "count": pa.array(stats["count"][expert, dim].numpy()),
+        "max_abs": pa.array(stats["dim_max"][expert, dim].numpy()),
+    })
+    return summary, dims

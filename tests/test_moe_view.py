@@ -1,0 +1,166 @@
+"""The MoE view: routing and expert captures, super experts, massive activations, attribution,
+routing lift and bootstrap intervals, on a tiny MoE with a planted super expert.
+
+Expert 2 of layer 1 writes dim 11 a million times too strongly: a super expert. Its
+output is a massive activation of the residual stream from layer 1 on, which the layer
+norms of later layers turn into an outlier feature at dim 11.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from actors.capture import CaptureConfig
+from analysis import analyse
+from analysis.bootstrap import bootstrap, resample_weights
+from analysis.criteria import Criteria, feature_stats
+from analysis.scan import read_kind
+from cluster.plants import Plant
+from common.layout import ROUTING, SITES, RunLayout
+from tests.conftest import (in_process_run, read_site, reference_activations,
+                            token_batch)
+from tests.synthetic import full_mask, plant, random_activations, scan_tables
+
+LAYER, EXPERT, DIM = 1, 2, 11
+EVERYTHING = CaptureConfig(routing=True, experts=True, residual=True)
+
+
+@pytest.fixture(scope="module")
+def super_expert(tiny_checkpoint):
+    return tiny_checkpoint(plants=(Plant(dim=DIM, layers=(LAYER,), scale=1e6, kind="expert", expert=EXPERT),))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return token_batch(seed=6, batch=4, seq=24, pad_last=5)
+
+
+@pytest.mark.parametrize("num_stages", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["dense", "exceedances"])
+def test_the_planted_super_expert_is_found_in_every_split_and_mode(super_expert, tokens, tmp_path, num_stages,
+                                                                   mode):
+    ids, mask = tokens
+    in_process_run(super_expert, "float32", tmp_path, ids, mask, num_stages=num_stages, storage=mode,
+                   capture=EVERYTHING)
+    summary = analyse(str(tmp_path))
+    assert [(s["layer"], s["expert"]) for s in summary["super_experts"]] == [(LAYER, EXPERT)]
+    assert summary["super_experts"][0]["dim"] == DIM and summary["super_experts"][0]["max_abs"] > 100
+    massive = summary["massive_activations"]
+    assert [(m["dim"], m["first_layer"], m["last_layer"]) for m in massive] == [(DIM, LAYER, 5)]
+    assert massive[0]["min_ratio_to_median"] >= 1000 and massive[0]["token_ids"]
+    (feature,) = [f for f in summary["outlier_features"] if f["dim"] == DIM]
+    assert (feature["experts"][0]["layer"], feature["experts"][0]["expert"]) == (LAYER, EXPERT)
+    assert feature["stability"] == 1.0
+
+
+def test_routing_is_the_routers_own_output(super_expert, tokens, tmp_path):
+    from actors.shard import load_full
+
+    ids, mask = tokens
+    in_process_run(super_expert, "float32", tmp_path, ids, mask, num_stages=3, capture=EVERYTHING)
+    model = load_full(super_expert)
+    chosen = {}
+    for index, layer in enumerate(model.model.layers):
+        # Qwen3-MoE's router returns (logits, top-k weights, top-k indices).
+        layer.mlp.gate.register_forward_hook(lambda _m, _a, out, index=index: chosen.setdefault(index, []).append(out))
+    with torch.inference_mode():
+        for rows in (slice(0, 2), slice(2, 4)):
+            model(input_ids=ids[rows], attention_mask=mask[rows])
+    got = read_kind(RunLayout.of(str(tmp_path)), ROUTING).sort("layer", "seq", "pos", "rank")
+    keep = mask.bool().reshape(-1).numpy()
+    for index in range(6):
+        weights = torch.cat([out[1] for out in chosen[index]]).numpy()[keep]  # [real tokens, k]
+        experts = torch.cat([out[2] for out in chosen[index]]).numpy()[keep]
+        layer = got.filter(layer=index)
+        assert np.array_equal(layer["expert"].to_numpy(), experts.reshape(-1))
+        assert np.array_equal(layer["weight"].to_numpy(), weights.reshape(-1))
+
+
+def test_captures_change_no_stored_value(super_expert, tokens, tmp_path):
+    ids, mask = tokens
+    expected = reference_activations(super_expert, "float32", ids, mask, micro_batch=2)
+    for name, capture in (("off", CaptureConfig()), ("on", EVERYTHING)):
+        in_process_run(super_expert, "float32", tmp_path / name, ids, mask, num_stages=2, capture=capture)
+    keep = mask.bool().numpy()
+    for layer in range(6):
+        for site in SITES:
+            off, on = read_site(tmp_path / "off", layer, site), read_site(tmp_path / "on", layer, site)
+            assert all(np.array_equal(a, b) for a, b in zip(off, on)), (layer, site)
+            assert np.array_equal(on[2], expected[(layer, site)][keep])
+
+
+def test_planted_dims_are_stable_and_decoys_are_not(planted_checkpoint, tmp_path):
+    ids, mask = token_batch(seed=8, batch=8, seq=32)
+    in_process_run(planted_checkpoint, "float32", tmp_path, ids, mask, num_stages=2)
+    summary = analyse(str(tmp_path))
+    assert {f["dim"]: f["stability"] for f in summary["outlier_features"]} == {5: 1.0, 40: 1.0}
+    decoys = bootstrap(_exceedances(tmp_path), _sequences(ids), 6, Criteria(), [20, 9])
+    assert decoys[20]["stability"] == 0.0 and decoys[9]["stability"] == 0.0
+
+
+def _exceedances(run) -> pl.DataFrame:
+    from analysis.scan import Scanner, list_partitions
+    from common.record import read_record
+
+    layout = RunLayout.of(str(run))
+    record = read_record(layout)
+    return Scanner(layout, record, 6.0).scan(list_partitions(layout, record)).exceedances
+
+
+def _sequences(ids) -> pl.DataFrame:
+    return pl.DataFrame({"seq": range(len(ids)), "tokens": [ids.shape[1]] * len(ids)})
+
+
+@pytest.mark.parametrize("layer_unit", ["layer", "site"])
+def test_bootstrap_equals_resampling_by_hand(layer_unit):
+    # Sparse planted dims over 7 sequences of different lengths; one resample at a time, the
+    # resampled sequences renamed and run through the criteria's own feature_stats.
+    rng = np.random.default_rng(4)
+    acts = random_activations(rng, 4, num_seqs=7, seq_len=6, hidden=8, spike_density=0.01)
+    plant(acts, 3, layers=[0, 1, 2], token_share=0.3, value=9.0, rng=rng)
+    plant(acts, 5, layers=[3], token_share=0.1, value=-7.0, rng=rng)
+    mask = full_mask(acts)
+    mask[2, 4:] = mask[6, 1:] = False
+    exceedances, _ = scan_tables(acts, mask, 6.0)
+    criteria = Criteria(layer_unit=layer_unit, min_layer_fraction=0.5, min_token_fraction=0.1)
+    sequences = pl.DataFrame({"seq": range(7), "tokens": mask.sum(axis=1).tolist()})
+    dims = sorted(exceedances["dim"].unique().to_list())
+    fast = bootstrap(exceedances, sequences, 4, criteria, dims, resamples=200, seed=3)
+    weights = resample_weights(7, 200, 3)
+    shares = {dim: ([], []) for dim in dims}
+    passed = {dim: 0 for dim in dims}
+    for counts in weights:
+        drawn = [s for s in range(7) for _ in range(counts[s])]
+        renamed = pl.concat([exceedances.filter(pl.col("seq") == s).with_columns(seq=pl.lit(i, pl.Int64))
+                             for i, s in enumerate(drawn)])
+        tokens = int(sum(mask[s].sum() for s in drawn))
+        empty = pl.DataFrame(schema={"layer": pl.Int32, "site": pl.String, "dim": pl.Int32, "max_abs": pl.Float64})
+        per_dim = feature_stats(renamed, empty, 4, tokens, 6)
+        for dim in dims:
+            row = per_dim.filter(dim=dim).to_dicts()
+            row = row[0] if row else {"layer_fraction": 0.0, "site_fraction": 0.0, "token_fraction": 0.0}
+            shares[dim][0].append(row[criteria.layer_column])
+            shares[dim][1].append(row["token_fraction"])
+            passed[dim] += (row[criteria.layer_column] >= 0.5) and (row["token_fraction"] >= 0.1) \
+                and row["token_fraction"] > 0
+    for dim in dims:
+        layer_share, token_share = (np.array(v) for v in shares[dim])
+        assert fast[dim]["layer_fraction_ci"] == pytest.approx(list(np.quantile(layer_share, [0.025, 0.975])))
+        assert fast[dim]["token_fraction_ci"] == pytest.approx(list(np.quantile(token_share, [0.025, 0.975])))
+        assert fast[dim]["stability"] == passed[dim] / 200
+    assert 0 < fast[3]["stability"] and fast[5]["stability"] < 1
+
+
+def test_the_summary_keeps_only_what_was_captured(super_expert, tokens, tmp_path):
+    ids, mask = tokens
+    in_process_run(super_expert, "float32", tmp_path, ids, mask, num_stages=1,
+                   capture=CaptureConfig(routing=True))
+    summary = analyse(str(tmp_path))
+    assert "super_experts" not in summary and "massive_activations" not in summary
+    (feature,) = [f for f in summary["outlier_features"] if f["dim"] == DIM]
+    assert feature["routing_lift"] and "experts" not in feature
+    best = feature["routing_lift"][0]
+    assert best["lift"] > 1 and best["hits"] <= best["of"]
