@@ -110,7 +110,7 @@ def analyse(run_dir: str, criteria: Criteria | None = None, num_actors: int = 2,
     write_outputs(layout, summary, features)
     # Plots, layer profile and report.html (analysis.html); report.md gains plot links.
     medians = median_abs(layout, record, partitions)
-    write_visual_report(layout, summary, per_dim, partial.stats, medians)
+    write_visual_report(layout, summary, per_dim, partial.stats, medians, view.get("experts"))
     return summary
 
 

@@ -1,6 +1,7 @@
 """Re-analyse a finished run without re-extracting: `python -m analysis RUN [flags]`.
 
-`python -m analysis compare RUN1 RUN2 ...` tabulates and plots several runs (analysis.compare).
+`python -m analysis compare RUN1 RUN2 ...` tabulates and plots several runs (analysis.compare);
+`python -m analysis explain RUN --dim D` says all the run knows of one dim (analysis.explain).
 
 Criteria default to the run config's `analysis:` section (the run record); flags override them.
 Prints the outlier feature table and writes the outputs into RUN (analysis.report).
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         from analysis.compare import main as compare
 
         return compare(argv[1:])
+    if argv[:1] == ["explain"]:  # `python -m analysis explain RUN --dim D`
+        from analysis.explain import main as explain
+
+        return explain(argv[1:])
     args = parse(argv)
     logs.configure(args.log_level, args.quiet)
     try:

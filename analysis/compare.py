@@ -23,7 +23,7 @@ from common.layout import RunLayout
 from common.record import RunRecord, read_record
 
 COLUMNS = ["run", "model", "layers", "hidden", "tokens", "outlier features", "systematic",
-           "probabilistic", "max abs", "top dims"]
+           "probabilistic", "max abs", "top dims", "super experts", "massive dims"]
 
 
 def load(run_dir: str) -> tuple[RunRecord, dict, pl.DataFrame]:
@@ -54,6 +54,11 @@ def row(run_dir: str, record: RunRecord, summary: dict, profile: pl.DataFrame) -
         summary["by_classification"].get("systematic", 0),
         summary["by_classification"].get("probabilistic", 0),
         round(float(profile["top1"].max()), 2), ", ".join(str(f["dim"]) for f in top),
+        # layer:expert; "-" where the run did not capture what the column needs
+        ", ".join(f"{s['layer']}:{s['expert']}" for s in summary["super_experts"]) if "super_experts" in summary
+        else "-",
+        ", ".join(str(m["dim"]) for m in summary["massive_activations"]) if "massive_activations" in summary
+        else "-",
     ]))
 
 

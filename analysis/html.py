@@ -18,6 +18,8 @@ import html
 import polars as pl
 
 from analysis import plots
+from analysis.moe_report import TITLES as MOE_TITLES
+from analysis.moe_report import moe_figures, moe_markdown, moe_sections
 from analysis.profile import layer_maxima, layer_profile, top_dims
 from analysis.report import _ranges, markdown
 from common import files
@@ -29,6 +31,7 @@ TITLES = {
     "token_coverage": "per-dim token coverage",
     "massive": "massive activations: top-k |x| vs median per layer",
 }
+ALL_TITLES = {**TITLES, **MOE_TITLES}
 
 
 def figures(summary: dict, per_dim: pl.DataFrame, stats: pl.DataFrame,
@@ -48,29 +51,39 @@ def figures(summary: dict, per_dim: pl.DataFrame, stats: pl.DataFrame,
 
 
 def write_visual_report(layout: RunLayout, summary: dict, per_dim: pl.DataFrame, stats: pl.DataFrame,
-                        medians: pl.DataFrame | None) -> None:
-    """Write the layer profile, the plots, report.html and report.md with plot links."""
+                        medians: pl.DataFrame | None, maxima: pl.DataFrame | None = None) -> None:
+    """Write the layer profile, the plots, report.html and report.md with plot links; `maxima`:
+    the per-expert maxima of the MoE view, when the run captured experts."""
     profile = layer_profile(stats, medians)
     files.write_table(layout.fs, layout.profile, profile.to_arrow())
-    images = figures(summary, per_dim, stats, profile)
+    if maxima is not None:
+        files.write_table(layout.fs, layout.experts, maxima.to_arrow())
+    images = {**figures(summary, per_dim, stats, profile), **moe_figures(summary, maxima)}
     for name, png in images.items():
         files.write_bytes(layout.fs, layout.plot(name), png)
     files.write_text(layout.fs, layout.report("html"), page(summary, images))
-    links = "\n".join(f"![{TITLES[n]}]({layout.plot_link(n)})\n" for n in images)
-    files.write_text(layout.fs, layout.report("md"), markdown(summary) + "\n## Plots\n\n" + links)
+    links = "\n".join(f"![{ALL_TITLES[n]}]({layout.plot_link(n)})\n" for n in images)
+    files.write_text(layout.fs, layout.report("md"), markdown(summary) + moe_markdown(summary)
+                     + "\n## Plots\n\n" + links)
 
 
 def feature_rows(summary: dict) -> list[list[str]]:
-    """The outlier table's cells, formatted as report.md formats them."""
+    """The outlier table's cells, formatted as report.md formats them, with the bootstrap intervals."""
     return [
         [str(f["dim"]), f"{f['max_abs']:.2f}", f"{100 * f['layer_fraction']:.1f}",
          f"{100 * f['token_fraction']:.1f}", str(f["occurrences"]), f["classification"],
-         _ranges(f["layers"])]
+         _ranges(f["layers"]), _interval(f.get("layer_fraction_ci")), _interval(f.get("token_fraction_ci")),
+         "" if f.get("stability") is None else f"{f['stability']:.2f}"]
         for f in sorted(summary["outlier_features"], key=lambda f: f["dim"])
     ]
 
 
-HEADER = ["Feature", "Max magnitude", "% layers", "% tokens", "Occurrences", "Classification", "Layers"]
+def _interval(ci: list | None) -> str:
+    return "" if ci is None else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}"
+
+
+HEADER = ["Feature", "Max magnitude", "% layers", "% tokens", "Occurrences", "Classification", "Layers",
+          "% layers CI", "% tokens CI", "Stability"]
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;"
          "text-align:right}img{max-width:100%;display:block;margin:1em 0}")
@@ -105,8 +118,9 @@ def page(summary: dict, images: dict[str, bytes]) -> str:
         + "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in rows)
         + "</table>",
     ]
-    for name, png in images.items():
-        data = base64.b64encode(png).decode()
-        parts += [f"<h2>{esc(TITLES[name])}</h2>",
-                  f'<img id="{name}" alt="{esc(TITLES[name])}" src="data:image/png;base64,{data}">']
+    uris = {name: "data:image/png;base64," + base64.b64encode(png).decode() for name, png in images.items()}
+    parts += moe_sections(summary, uris)
+    for name in TITLES:
+        if name in uris:
+            parts += [f"<h2>{esc(TITLES[name])}</h2>", f'<img id="{name}" alt="{esc(TITLES[name])}" src="{uris[name]}">']
     return "\n".join(parts + ["</body></html>", ""])

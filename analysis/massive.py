@@ -25,7 +25,8 @@ def layer_medians(histograms: pl.DataFrame, exact_bins: bool) -> dict[int, float
 
 def massive_activations(residual: pl.DataFrame, medians: dict[int, float], tokens: pl.DataFrame | None,
                         threshold: float = 100.0, ratio: float = 1000.0) -> list[dict]:
-    """[{dim, first_layer, last_layer, layers, positions, token_ids, count, max_abs, min_ratio_to_median}]
+    """[{dim, first_layer, last_layer, positions, token_ids, count, max_abs, min_ratio_to_median, layers,
+    layer_max}] (`layer_max`: the dim's largest |x| in each of `layers`)
     from residual entries (layer, seq, pos, dim, value) with |value| >= threshold."""
     if residual.is_empty() or not medians:
         return []
@@ -41,13 +42,15 @@ def massive_activations(residual: pl.DataFrame, medians: dict[int, float], token
         found = found.join(tokens, on=["seq", "pos"], how="left")
     else:
         found = found.with_columns(token_id=pl.lit(None, pl.Int32))
+    per_layer = found.group_by("dim", "layer").agg(pl.col("magnitude").max()).sort("dim", "layer").group_by(
+        "dim", maintain_order=True).agg(layers=pl.col("layer"), layer_max=pl.col("magnitude"))
     grouped = found.group_by("dim").agg(
         first_layer=pl.col("layer").min(), last_layer=pl.col("layer").max(),
-        layers=pl.col("layer").unique().sort(), positions=pl.col("pos").unique().sort(),
+        positions=pl.col("pos").unique().sort(),
         token_ids=pl.col("token_id").drop_nulls().unique().sort(), count=pl.len(),
         max_abs=pl.col("magnitude").max(), min_ratio_to_median=pl.col("ratio_to_median").min(),
     )
-    return grouped.sort("max_abs", descending=True).to_dicts()
+    return grouped.join(per_layer, on="dim").sort("max_abs", descending=True).to_dicts()
 
 
 def profile_medians(medians: dict[int, float], num_layers: int) -> list[float | None]:

@@ -96,3 +96,40 @@ def _colors(count: int) -> list:
     from matplotlib import colormaps
 
     return [colormaps["tab10"](i % 10) for i in range(count)]
+
+
+def expert_heatmap(maxima: pl.DataFrame, num_layers: int) -> bytes:
+    """max |output| per layer (rows) x routed expert (columns), log colour scale."""
+    from matplotlib.colors import LogNorm
+
+    routed = maxima.filter(pl.col("expert") >= 0)
+    experts = int(routed["expert"].max()) + 1 if routed.height else 1
+    grid = np.full((num_layers, experts), np.nan)  # [layer, expert]
+    for layer, expert, value in routed.select("layer", "expert", "max_abs").iter_rows():
+        grid[layer, expert] = value
+    figure = Figure(figsize=(2.0 + min(0.12 * experts, 14), 1.2 + 0.25 * num_layers))
+    axes = figure.subplots()
+    positive = grid[np.isfinite(grid) & (grid > 0)]
+    norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
+    image = axes.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest", norm=norm)
+    axes.set_xlabel("routed expert")
+    axes.set_ylabel("layer")
+    axes.set_title("max |expert output| per layer and expert")
+    figure.colorbar(image, ax=axes)
+    return _png(figure)
+
+
+def massive_depth(medians: list, massive: list[dict]) -> bytes:
+    """Median |x| of the residual stream per layer, and each massive dim's largest |x| per layer."""
+    figure = Figure(figsize=(6.4, 3.6))
+    axes = figure.subplots()
+    layers = np.arange(len(medians))
+    axes.plot(layers, [np.nan if m is None else m for m in medians], "--", color="gray", label="median |x|")
+    for (entry, color) in zip(massive[:8], _colors(len(massive[:8]))):
+        axes.plot(entry["layers"], entry["layer_max"], "-o", color=color, markersize=3, label=f"dim {entry['dim']}")
+    axes.set_yscale("log")
+    axes.set_xlabel("layer")
+    axes.set_ylabel("|x| in the residual stream")
+    axes.set_title("massive activations over depth")
+    axes.legend(fontsize="small")
+    return _png(figure)

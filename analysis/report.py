@@ -148,7 +148,10 @@ def _ranges(layers: list[int]) -> str:
 
 
 def write_outputs(layout: RunLayout, summary: dict, features: pl.DataFrame) -> None:
-    """The summary and the feature table (each written atomically), then report.md."""
+    """The summary and the feature table (each written atomically, the table with the summary's
+    per-feature MoE view), then report.md."""
     files.write_json(layout.fs, layout.summary, summary)
-    files.write_table(layout.fs, layout.features, features.select(FEATURE_KEYS).to_arrow())
+    rows = summary["outlier_features"]
+    table = pl.DataFrame(rows) if rows else features.select(FEATURE_KEYS)
+    files.write_table(layout.fs, layout.features, table.to_arrow())
     files.write_text(layout.fs, layout.report("md"), markdown(summary))

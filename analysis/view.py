@@ -19,21 +19,26 @@ from common.layout import EXPERT_DIMS, EXPERTS, HISTOGRAMS, RESIDUAL, ROUTING, R
 from common.record import RunRecord
 
 
-def sequences(layout: RunLayout, record: RunRecord) -> tuple[pl.DataFrame, pl.DataFrame | None]:
-    """(seq, tokens) of every sequence of the run, and the run's tokens (seq, pos, token_id) if recorded."""
+def sequences(layout: RunLayout, record: RunRecord, seen: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """(seq, tokens) of every sequence of the run, and the run's tokens (seq, pos, token_id).
+
+    Runs written before the tokens table existed have sequences of equal share (packed runs
+    do), as many as recorded, or as `seen` (entries with a seq column) shows.
+    """
     if files.exists(layout.fs, layout.tokens):
         with layout.fs.open_input_file(layout.tokens) as handle:
             tokens = pl.read_parquet(handle)
         return tokens.group_by("seq").agg(tokens=pl.len()).sort("seq"), tokens
-    count = record.num_sequences or record.section("data").get("num_sequences") or 1
-    return pl.DataFrame({"seq": range(count), "tokens": [record.tokens // count] * count}), None
+    count = record.num_sequences or record.section("data").get("num_sequences") \
+        or (int(seen["seq"].max()) + 1 if seen.height else 1)
+    return pl.DataFrame({"seq": range(count), "tokens": [record.tokens / count] * count}), None
 
 
 def moe_view(layout: RunLayout, record: RunRecord, settings, criteria: Criteria, partial: Partial,
              features: pl.DataFrame, residual: list[tuple[int, str]]) -> dict:
     """The view's parts, as summary entries; per-feature parts keyed by dim under `per_feature`."""
     dims = features["dim"].to_list()
-    per_sequence, tokens = sequences(layout, record)
+    per_sequence, tokens = sequences(layout, record, partial.exceedances)
     view: dict = {"per_feature": {dim: {} for dim in dims}}
     intervals = bootstrap.bootstrap(partial.exceedances, per_sequence, record.num_layers, criteria, dims,
                                     settings.bootstrap_resamples, settings.bootstrap_seed, settings.confidence)

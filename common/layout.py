@@ -109,6 +109,11 @@ class RunLayout:
         return f"{self.root}/analysis/outlier_features.parquet"
 
     @property
+    def experts(self) -> str:
+        """Per (layer, expert): tokens routed and the largest |output|, over the run (MoE view)."""
+        return f"{self.root}/analysis/expert_maxima.parquet"
+
+    @property
     def profile(self) -> str:
         """Per layer: the largest magnitudes and the median (what `compare` plots)."""
         return f"{self.root}/analysis/layer_profile.parquet"

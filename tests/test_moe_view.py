@@ -164,3 +164,44 @@ def test_the_summary_keeps_only_what_was_captured(super_expert, tokens, tmp_path
     assert feature["routing_lift"] and "experts" not in feature
     best = feature["routing_lift"][0]
     assert best["lift"] > 1 and best["hits"] <= best["of"]
+
+
+def test_reports_explain_and_compare_show_the_moe_view(super_expert, tokens, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_html_report import Page, decode
+
+    ids, mask = tokens
+    in_process_run(super_expert, "float32", tmp_path / "run", ids, mask, num_stages=2, capture=EVERYTHING)
+    analyse(str(tmp_path / "run"))
+    layout = RunLayout.of(str(tmp_path / "run"))
+    page = Page()
+    page.feed(Path(layout.report("html")).read_text())
+    assert page.tables["super_experts"][1][:2] == [str(LAYER), str(EXPERT)] and len(page.tables["super_experts"]) == 2
+    assert page.tables["massive_activations"][1][:3] == [str(DIM), str(LAYER), "5"]
+    (row,) = [r for r in page.tables["attribution"][1:] if r[0] == str(DIM)]
+    assert row[1].startswith(f"{LAYER}:{EXPERT} (")
+    assert all(decode(page_image(page, name)).size[0] > 100 for name in ("experts", "massive_depth"))
+    assert "## Super experts" in Path(layout.report("md")).read_text()
+    assert pl.read_parquet(layout.experts).filter(layer=LAYER, expert=EXPERT)["max_abs"].item() > 100
+
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "analysis", "explain", str(tmp_path / "run"), "--dim", str(DIM)],
+                          capture_output=True, text=True, cwd=repo, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"written by (layer:expert, outputs >= floor): {LAYER}:{EXPERT} (" in done.stdout
+    assert "passes in 100% of resamples" in done.stdout and "largest at (seq, pos, token)" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "analysis", "compare", str(tmp_path / "run"),
+                           "--output", str(tmp_path / "cmp")], capture_output=True, text=True, cwd=repo, timeout=300)
+    assert done.returncode == 0, done.stderr
+    compared = pl.read_csv(tmp_path / "cmp" / "compare.csv")
+    assert compared["super experts"].to_list() == [f"{LAYER}:{EXPERT}"]
+    assert compared["massive dims"].cast(pl.String).to_list() == [str(DIM)]
+
+
+def page_image(page, name: str) -> bytes:
+    import base64
+
+    return base64.b64decode(page.images[name].split(",", 1)[1])

@@ -85,7 +85,7 @@ def test_parquet_and_report_hold_the_same_features(run):
     summary = analyse(str(path))
     layout = RunLayout.of(str(path))
     table = pl.read_parquet(layout.features)
-    assert table.columns == FEATURE_KEYS
+    assert table.columns == [*FEATURE_KEYS, "layer_fraction_ci", "token_fraction_ci", "stability"]
     assert table.to_dicts() == summary["outlier_features"]
     report = Path(layout.report("md")).read_text()
     assert HEADER in report and "max |x| >= 6.0" in report

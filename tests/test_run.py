@@ -25,7 +25,7 @@ def run_config(path: str, output, **sections) -> dict:
         "analysis": {"num_actors": 2},
     }
     for name, values in sections.items():
-        config[name].update(values)
+        config.setdefault(name, {}).update(values)
     return config
 
 
@@ -115,7 +115,8 @@ def test_exceedance_run_resumed_with_another_split_counts_nothing_twice(ray_clus
 
     def config(num_stages: int):
         return load_config(run_config(planted_checkpoint, run, pipeline={"num_stages": num_stages},
-                                      storage={"mode": "exceedances", "floor": 3.0}))
+                                      storage={"mode": "exceedances", "floor": 3.0},
+                                      capture={"routing": True, "experts": True, "residual": True}))
 
     layout = RunLayout.of(str(run))
 
