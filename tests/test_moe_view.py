@@ -205,3 +205,20 @@ def page_image(page, name: str) -> bytes:
     import base64
 
     return base64.b64decode(page.images[name].split(",", 1)[1])
+
+
+@pytest.mark.parametrize("arch, message", [
+    ("llama4_text", r"^capture.routing / capture.experts: model_type='llama4_text' \(Llama 4 \(text\)\) weights "
+                    r"each token before its experts.*turn them off for this family.$"),
+    ("qwen3", r"^capture.routing / capture.experts: model_type='qwen3' has no layer with a routed experts module"),
+])
+def test_routing_captures_are_refused_in_one_line_where_they_cannot_work(model_cache, arch, message):
+    from actors.anatomy import anatomy
+    from actors.shard import load_config
+    from cluster.tiny_model import TinySpec, build_tiny
+    from common.errors import ModelError
+
+    path = build_tiny(TinySpec(arch=arch, num_layers=2, hidden_size=64), model_cache)
+    with pytest.raises(ModelError, match=message):
+        anatomy(path, load_config(path), capture=CaptureConfig(routing=True))
+    anatomy(path, load_config(path), capture=CaptureConfig(residual=True))  # the residual stream is any model's
