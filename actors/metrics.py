@@ -4,7 +4,7 @@ Exported by every node's metrics agent as (Prometheus names, `ray_` prefixed):
 
     ray_moe_outliers_tokens_total              tokens run through the stage's layers
     ray_moe_outliers_micro_batches_total       micro-batches whose files the stage has written
-    ray_moe_outliers_bytes_written_total       Parquet bytes the stage's writer has written
+    ray_moe_outliers_bytes_written_total       table bytes the stage's writer has written
     ray_moe_outliers_busy_seconds_total        seconds spent in `forward`
     ray_moe_outliers_write_queue_depth         micro-batches waiting for the writer (gauge)
 
@@ -62,7 +62,7 @@ def _make() -> dict:
         "micro_batches": Counter(PREFIX + "micro_batches",
                                  "Micro-batches whose activation files the stage has written.",
                                  tag_keys=keys),
-        "bytes_written": Counter(PREFIX + "bytes_written", "Parquet bytes written by the stage.",
+        "bytes_written": Counter(PREFIX + "bytes_written", "Table bytes written by the stage.",
                                  tag_keys=keys),
         "busy_seconds": Counter(PREFIX + "busy_seconds", "Seconds the stage spent in forward.",
                                 tag_keys=keys),

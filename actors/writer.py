@@ -71,14 +71,6 @@ def encode(acts: torch.Tensor) -> tuple[np.ndarray, str]:
     return acts.cpu().numpy(), str(acts.dtype).removeprefix("torch.")
 
 
-# NOTE: dictionary-encoding float activations only fails over to plain after trying,
-# min/max statistics of a list column are never used (readers prune by partition path),
-# and compressing float mantissas saves little: without all three a dense file writes
-# ~3x faster and reads faster; it is ~1.4x larger than with snappy (bench/RESULTS.md).
-DENSE_OPTIONS = {"use_dictionary": ["seq", "pos", "token_id"],
-                 "write_statistics": ["seq", "pos", "token_id"], "compression": "none"}
-
-
 def residual_histogram(captured: dict, keep: torch.Tensor) -> pa.Table | None:
     """layer, bin, count of |x| of the residual site over the real tokens (common.histogram)."""
     tables = []
@@ -94,23 +86,39 @@ def residual_histogram(captured: dict, keep: torch.Tensor) -> pa.Table | None:
     return pa.concat_tables(tables) if tables else None
 
 
+@dataclass
+class Piece:
+    """One file of a micro-batch, ready to write: where, what, and as Arrow IPC or Parquet."""
+
+    path: str
+    table: pa.Table
+    ipc: bool = False
+
+
 class StageTables:
-    """What both writers write besides the activations: the capture tables (routing, experts,
-    residual histograms) of a micro-batch, one file per kind in the stage's folder."""
+    """A writer's two halves. `prepare` runs on the stage's thread and does every piece of tensor
+    work (padding removal, encoding, selection, statistics) with torch, where the activations
+    live; `write` runs on the background writer's thread and only serializes finished tables,
+    so it takes little CPU beside the forward (actors.stage)."""
 
     def __init__(self, output: str):
         self.layout = RunLayout.of(output)
         self.bytes_written = 0
 
-    def write_side(self, batch: MicroBatch, captured: dict, moe: list | None) -> None:
+    def side(self, batch: MicroBatch, captured: dict, moe: list | None) -> list[Piece]:
+        """The capture tables (routing, experts, residual histograms), one file per kind."""
         keep = batch.attention_mask.bool()
         tables = moe_tables(moe) if moe else {}
         if (residual := residual_histogram(captured, keep)) is not None:
             tables[HISTOGRAMS] = residual
         layers = _stage_layers(captured)
-        for kind, table in tables.items():
-            path = self.layout.stage_table(kind, layers, batch.index)
-            self.bytes_written += files.write_table(self.layout.fs, path, table)
+        return [Piece(self.layout.stage_table(kind, layers, batch.index), table) for kind, table in tables.items()]
+
+    def write(self, pieces: list[Piece]) -> None:
+        """Write every piece, in order (each atomically)."""
+        for piece in pieces:
+            write = files.write_ipc if piece.ipc else files.write_table
+            self.bytes_written += write(self.layout.fs, piece.path, piece.table)
 
 
 def _stage_layers(captured: dict) -> range:
@@ -119,10 +127,11 @@ def _stage_layers(captured: dict) -> range:
 
 
 class ActivationWriter(StageTables):
-    """Writes the dense activation tables of one stage's micro-batches."""
+    """The dense activation tables of one stage's micro-batches: one Arrow IPC file per
+    layer-site (written at memory speed: the act column is one buffer of raw values)."""
 
-    def write(self, batch: MicroBatch, captured: dict[tuple[int, str], torch.Tensor], moe: list | None = None) -> None:
-        self.write_side(batch, captured, moe)
+    def prepare(self, batch: MicroBatch, captured: dict[tuple[int, str], torch.Tensor],
+                moe: list | None = None) -> list[Piece]:
         keep = batch.attention_mask.bool().cpu()  # [batch, seq]
         rows, pos = keep.nonzero(as_tuple=True)
         columns = {
@@ -130,6 +139,7 @@ class ActivationWriter(StageTables):
             "pos": pa.array(pos.numpy().astype(np.int32)),
             "token_id": pa.array(batch.input_ids.cpu()[keep].numpy().astype(np.int32)),
         }
+        pieces = self.side(batch, captured, moe)
         for (layer, site), acts in sorted(captured.items()):
             # NOTE: padding is dropped on the device, so only real tokens cross to the host.
             values, encoding = encode(valid_rows(acts, keep))  # [rows, hidden]
@@ -137,8 +147,8 @@ class ActivationWriter(StageTables):
             table = pa.table({**columns, "act": act}).replace_schema_metadata(
                 {"encoding": encoding, "model_dtype": str(acts.dtype).removeprefix("torch.")}
             )
-            path = self.layout.dense(layer, site, batch.index)
-            self.bytes_written += files.write_table(self.layout.fs, path, table, **DENSE_OPTIONS)
+            pieces.append(Piece(self.layout.dense(layer, site, batch.index), table, ipc=True))
+        return pieces
 
 
 class ExceedanceWriter(StageTables):
@@ -157,8 +167,8 @@ class ExceedanceWriter(StageTables):
         super().__init__(output)
         self.bar = float(float32_bar(floor))
 
-    def write(self, batch: MicroBatch, captured: dict[tuple[int, str], torch.Tensor], moe: list | None = None) -> None:
-        self.write_side(batch, captured, moe)
+    def prepare(self, batch: MicroBatch, captured: dict[tuple[int, str], torch.Tensor],
+                moe: list | None = None) -> list[Piece]:
         keep = batch.attention_mask.bool().cpu()  # [batch, seq]
         rows, pos = keep.nonzero(as_tuple=True)
         seq = torch.as_tensor(batch.seqs, dtype=torch.int64)[rows]  # [tokens]
@@ -169,11 +179,10 @@ class ExceedanceWriter(StageTables):
             kept.append(_tagged(part_kept, group, seq, pos))
             stats.append(_tagged_stats(part_stats, group))
         layers = _stage_layers(captured)
-        path = self.layout.stage_table(EXCEEDANCES, layers, batch.index)
-        self.bytes_written += files.write_table(self.layout.fs, path, pa.concat_tables(kept))
         # NOTE: stats last: a stats file is what marks the micro-batch's layer-sites as present.
-        path = self.layout.stage_table(STATS, layers, batch.index)
-        self.bytes_written += files.write_table(self.layout.fs, path, pa.concat_tables(stats))
+        return [*self.side(batch, captured, moe),
+                Piece(self.layout.stage_table(EXCEEDANCES, layers, batch.index), pa.concat_tables(kept)),
+                Piece(self.layout.stage_table(STATS, layers, batch.index), pa.concat_tables(stats))]
 
     def select(self, acts: torch.Tensor) -> tuple[tuple, dict]:
         """Entries >= floor as (site, token, dim, value), and per-(site, dim) stats of
@@ -256,12 +265,12 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            batch, captured, moe = job
+            index, pieces = job
             try:
                 if self._error is None:
-                    self.writer.write(batch, captured, moe)
+                    self.writer.write(pieces)
                     with self._lock:
-                        self._done.append(batch.index)
+                        self._done.append(index)
             except BaseException as err:  # surfaced to the stage by _raise_if_failed
                 self._error = err
             finally:
@@ -273,8 +282,9 @@ class BackgroundWriter:
             raise RuntimeError(f"activation writer failed: {self._error!r}") from self._error
 
     def submit(self, batch: MicroBatch, captured: dict, moe: list | None = None) -> None:
+        """Prepare the micro-batch's tables here (the caller's thread), then queue them."""
         self._raise_if_failed()
-        self._jobs.put((batch, captured, moe))
+        self._jobs.put((batch.index, self.writer.prepare(batch, captured, moe)))
 
     def depth(self) -> int:
         """Micro-batches waiting for the writer."""

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
+from analysis.scan import read_frame
 from common.layout import RunLayout
 from common.record import RunRecord
 
@@ -76,8 +76,7 @@ def _sample(layout: RunLayout, layer: int, site: str, max_rows: int) -> np.ndarr
     if not paths:
         return None
     try:
-        act = pq.read_table(paths[0], columns=["act"], filesystem=layout.fs)["act"].combine_chunks()
-    except Exception:  # NOTE: a plot must not fail a run the scan could analyse (allow_partial)
+        act = read_frame(layout.fs, paths[0], ["act"])["act"]
+    except (Exception, pl.exceptions.PanicException):  # NOTE: a plot must not fail a run the scan could analyse
         return None
-    act = act.slice(0, max_rows)
-    return np.asarray(act.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    return np.asarray(act.head(max_rows).to_numpy(), dtype=np.float32).reshape(-1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import polars as pl
@@ -232,23 +233,29 @@ class Scanner:
         return [t for path in paths if (t := self._read(path, columns)) is not None]
 
     def _read(self, path: str, columns: list[str]) -> pl.DataFrame | None:
-        """One Parquet file, or None when it is unreadable and allow_partial skips it."""
+        """One table file, or None when it is unreadable and allow_partial skips it."""
         try:
-            if isinstance(self.layout.fs, pafs.LocalFileSystem):
-                return pl.read_parquet(path, columns=columns, hive_partitioning=False)
-            with self.layout.fs.open_input_file(path) as handle:
-                return pl.read_parquet(handle, columns=columns, hive_partitioning=False)
+            return read_frame(self.layout.fs, path, columns)
         # NOTE: Polars reports some corrupt files as PanicException, a BaseException.
         except (Exception, pl.exceptions.PanicException) as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             if not self.allow_partial:
                 raise RunError(
-                    f"{path}: unreadable Parquet ({reason}). Re-run extraction for this "
+                    f"{path}: unreadable table ({reason}). Re-run extraction for this "
                     "partition, or pass --allow-partial to skip the file."
                 ) from None
             log.warning("skipping unreadable %s (%s)", path, reason)
             self.skipped.append(path)
             return None
+
+
+def read_frame(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pl.DataFrame:
+    """One table file of a run: Arrow IPC (dense tables, memory-mapped when local) or Parquet."""
+    read = pl.read_ipc if path.endswith(".arrow") else partial(pl.read_parquet, hive_partitioning=False)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return read(path, columns=columns)
+    with fs.open_input_file(path) as handle:
+        return read(handle, columns=columns)
 
 
 def read_kind(layout: RunLayout, kind: str, columns: list[str] | None = None) -> pl.DataFrame | None:

@@ -52,6 +52,17 @@ def write_table(fs: pafs.FileSystem, path: str, table: pa.Table, **options) -> i
     return _atomically(fs, path, lambda temp: pq.write_table(table, temp, filesystem=fs, **options))
 
 
+def write_ipc(fs: pafs.FileSystem, path: str, table: pa.Table) -> int:
+    """`table` as an uncompressed Arrow IPC file (Feather v2) at `path`; its bytes."""
+    import pyarrow.ipc as ipc
+
+    def write(temp: str) -> None:
+        with fs.open_output_stream(temp) as out, ipc.new_file(out, table.schema) as writer:
+            writer.write_table(table)
+
+    return _atomically(fs, path, write)
+
+
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> int:
     def write(temp: str) -> None:
         with fs.open_output_stream(temp) as out:

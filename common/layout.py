@@ -2,7 +2,8 @@
 
     RUN/run.json                                            the run's record (common/record.py)
     RUN/.lock                                               held while a run writes
-    RUN/activations/layer=<L>/site=<S>/mb-<i>.parquet       dense tables, one per layer-site and micro-batch
+    RUN/activations/layer=<L>/site=<S>/mb-<i>.arrow         dense tables (Arrow IPC), one per layer-site
+                                                            and micro-batch
     RUN/<kind>/layers=<a>-<b>/mb-<i>.parquet                a stage's tables of micro-batch i, one
                                                             per kind: exceedances, stats, routing,
                                                             experts, expert_dims, histograms
@@ -10,8 +11,9 @@
     RUN/analysis/summary.json, outlier_features.parquet, layer_profile.parquet, plots/<name>.png
     RUN/report.md, RUN/report.html
 
-Tables are hive-partitioned (`layer=`, `site=`, `layers=`), so Polars and DuckDB read them
-as they are. Files of micro-batch i are named `mb-<i>.parquet` everywhere: a re-run of the
+Tables are hive-partitioned (`layer=`, `site=`, `layers=`), so Polars reads them as they
+are. Dense tables are Arrow IPC files, written at memory speed and memory-mapped by readers;
+every other table is Parquet. Files of micro-batch i are named `mb-<i>.<suffix>` everywhere: a re-run of the
 micro-batch rewrites them, never adds beside them.
 """
 
@@ -31,14 +33,14 @@ EXCEEDANCES, STATS = "exceedances", "stats"
 ROUTING, EXPERTS, EXPERT_DIMS, HISTOGRAMS = "routing", "experts", "expert_dims", "histograms"
 # One table per stage and micro-batch (the capture kinds only when captured).
 STAGE_KINDS = (EXCEEDANCES, STATS, ROUTING, EXPERTS, EXPERT_DIMS, HISTOGRAMS)
-_BATCH = re.compile(r"mb-(\d+)\.parquet")
+_BATCH = re.compile(r"mb-(\d+)\.(parquet|arrow)")
 _PARTITION = re.compile(r"layer=(\d+)/site=([^/]+)$")
 _STAGE = re.compile(r"layers=(\d+)-(\d+)$")
 
 
-def batch_file(index: int) -> str:
-    """The file name of micro-batch `index`."""
-    return f"mb-{index:06d}.parquet"
+def batch_file(index: int, suffix: str = "parquet") -> str:
+    """The file name of micro-batch `index` (dense tables are Arrow IPC: suffix "arrow")."""
+    return f"mb-{index:06d}.{suffix}"
 
 
 def batch_index(name: str) -> int | None:
@@ -88,7 +90,7 @@ class RunLayout:
         return f"{self.root}/{DENSE}/layer={layer}/site={site}"
 
     def dense(self, layer: int, site: str, batch: int) -> str:
-        return f"{self.dense_partition(layer, site)}/{batch_file(batch)}"
+        return f"{self.dense_partition(layer, site)}/{batch_file(batch, 'arrow')}"
 
     def kind(self, kind: str) -> str:
         return f"{self.root}/{kind}"
@@ -138,8 +140,9 @@ class RunLayout:
         return sorted(found)
 
     def partition_files(self, layer: int, site: str) -> list[str]:
-        """The dense files of one layer-site."""
-        return [e.path for e in files.files(self.fs, self.dense_partition(layer, site)) if e.path.endswith(".parquet")]
+        """The dense files of one layer-site (Arrow IPC; Parquet in runs made before)."""
+        return [e.path for e in files.files(self.fs, self.dense_partition(layer, site))
+                if e.path.endswith((".arrow", ".parquet"))]
 
     def stage_folders(self, kind: str) -> list[str]:
         """The stage folders (`layers=<a>-<b>`) of a stage kind's tables."""

@@ -199,10 +199,12 @@ def read_site(run_dir, layer: int, site: str) -> tuple[np.ndarray, np.ndarray, n
     """(seq, pos, act float32 # [rows, hidden]) of one layer-site, sorted by (seq, pos)."""
     import polars as pl
 
-    frames = [
-        pl.read_parquet(path).with_columns(pl.col("act").cast(pl.Array(pl.Float32, pl.read_parquet_schema(path)["act"].size)))
-        for path in RunLayout.of(str(run_dir)).partition_files(layer, site)
-    ]
+    from analysis.scan import read_frame
+
+    layout = RunLayout.of(str(run_dir))
+    frames = [(frame := read_frame(layout.fs, path)).with_columns(
+        pl.col("act").cast(pl.Array(pl.Float32, frame.schema["act"].size)))
+        for path in layout.partition_files(layer, site)]
     table = pl.concat(frames).sort("seq", "pos")
     return table["seq"].to_numpy(), table["pos"].to_numpy(), table["act"].to_numpy()
 

@@ -2,7 +2,7 @@
 
 `random_activations` gives `# [layers, sites, seqs, seq_len, hidden]` values that are exact
 in float16, so dense files of either float width hold the same numbers. `write_run` writes
-them in the layout extraction produces (a run record and hive-partitioned Parquet, dense or
+them in the layout extraction produces (a run record and hive-partitioned tables: Arrow IPC dense or Parquet
 exceedances), and `reference_per_dim` is the brute-force answer to compare against.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from analysis.criteria import Criteria
@@ -104,7 +105,7 @@ def _write_dense(layout, layer, site, seqs, poss, rows, parts, float16_parts):
                 "act": pa.FixedSizeListArray.from_arrays(values, hidden),
             }
         )
-        pq.write_table(table, layout.dense(layer, site, i))
+        feather.write_feather(table, layout.dense(layer, site, i), compression="uncompressed")
 
 
 def _write_exceedances(layout, layer, seqs, poss, by_site, parts, floor):

@@ -15,7 +15,7 @@ import torch
 from actors.writer import ExceedanceWriter
 from analysis import analyse
 from analysis.criteria import Criteria, feature_stats
-from analysis.scan import Scanner, list_partitions
+from analysis.scan import Scanner, list_partitions, read_frame
 from common.errors import ConfigError
 from common.layout import EXCEEDANCES, STATS, RunLayout
 from common.record import read_record
@@ -82,7 +82,8 @@ def test_same_outlier_features_as_dense(runs, threshold):
 
 def test_stored_stats_are_those_of_every_real_token(runs):
     dense, stored, _ = runs
-    acts = pl.read_parquet(RunLayout.of(str(dense)).partition_files(2, "ln_mlp"))
+    dense_layout = RunLayout.of(str(dense))
+    acts = pl.concat([read_frame(dense_layout.fs, p) for p in dense_layout.partition_files(2, "ln_mlp")])
     x = np.asarray(acts["act"].to_numpy(), dtype=np.float64)  # [tokens, hidden]
     assert len(x) == BATCH * SEQ - PAD  # padding positions never written
     layout = RunLayout.of(str(stored))

@@ -22,6 +22,7 @@ from actors.stage import StageActor, StageSpec
 from actors.batch import MicroBatch
 from cluster.config import load_config
 from cluster.run import execute
+from analysis.scan import read_frame
 from common.layout import RunLayout
 from tests.conftest import fault_config, own_ray, stored_record, token_batch
 
@@ -50,7 +51,7 @@ def tables(run: Path) -> dict:
     layout = RunLayout.of(str(run))
     out = {}
     for layer, site in layout.dense_partitions():
-        frame = pl.concat([pl.read_parquet(p) for p in layout.partition_files(layer, site)])
+        frame = pl.concat([read_frame(layout.fs, p) for p in layout.partition_files(layer, site)])
         assert frame.select("seq", "pos").is_duplicated().sum() == 0, (layer, site)
         out[(layer, site)] = frame.sort("seq", "pos")
     return out

@@ -40,7 +40,7 @@ def test_split_equals_single_forward(tiny_checkpoint, tmp_path, arch, dtype, num
 
 
 def test_bf16_encoding_is_float16_when_exact_else_float32(tiny_checkpoint, tmp_path):
-    import pyarrow.parquet as pq
+    import pyarrow as pa
     import torch
 
     from actors.writer import encode
@@ -56,7 +56,7 @@ def test_bf16_encoding_is_float16_when_exact_else_float32(tiny_checkpoint, tmp_p
     run_stages(path, "bfloat16", tmp_path, ids, mask, num_stages=1)
     layout = RunLayout.of(str(tmp_path))
     for layer, site in layout.dense_partitions():
-        values = pq.read_table(layout.partition_files(layer, site)[0])
+        values = pa.ipc.open_file(layout.partition_files(layer, site)[0]).read_all()
         narrow = values["act"].type.value_type == "halffloat"
         meta = values.schema.metadata
         assert meta[b"model_dtype"] == b"bfloat16" and meta[b"encoding"] == (b"float16" if narrow else b"float32")
@@ -103,7 +103,7 @@ def test_hidden_states_cross_between_stages_out_of_band_and_exact(dtype):
 
 
 def test_dtype_auto_runs_a_checkpoint_in_its_own_dtype(tiny_checkpoint, tmp_path):
-    import pyarrow.parquet as pq
+    import pyarrow as pa
     import torch
 
     from cluster.config import load_config
@@ -129,7 +129,7 @@ def test_dtype_auto_runs_a_checkpoint_in_its_own_dtype(tiny_checkpoint, tmp_path
             _, _, act = read_site(tmp_path, layer, site)
             assert np.array_equal(act, expected[(layer, site)].reshape(act.shape)), (layer, site)
     layout = RunLayout.of(str(tmp_path))
-    meta = pq.read_schema(layout.partition_files(0, "ln_attn")[0]).metadata
+    meta = pa.ipc.open_file(layout.partition_files(0, "ln_attn")[0]).schema.metadata
     assert meta[b"model_dtype"] == b"bfloat16"
     # An explicit dtype still wins over the checkpoint's.
     override = prepare(load_config({**settings, "model": {"path": path, "dtype": "float32"}}))

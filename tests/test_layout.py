@@ -15,7 +15,7 @@ def test_every_path_of_a_run(tmp_path):
     layout = RunLayout.of(str(tmp_path))
     root = str(tmp_path)
     assert layout.record == f"{root}/run.json"
-    assert layout.dense(3, "ln_mlp", 7) == f"{root}/activations/layer=3/site=ln_mlp/mb-000007.parquet"
+    assert layout.dense(3, "ln_mlp", 7) == f"{root}/activations/layer=3/site=ln_mlp/mb-000007.arrow"
     assert layout.stage_table("exceedances", range(4, 8), 2) == f"{root}/exceedances/layers=4-7/mb-000002.parquet"
     assert layout.stage_table("stats", range(0, 1), 0) == f"{root}/stats/layers=0-0/mb-000000.parquet"
     assert (layout.summary, layout.features, layout.profile) == (
@@ -25,6 +25,7 @@ def test_every_path_of_a_run(tmp_path):
     assert layout.plot_link("heatmap") == "analysis/plots/heatmap.png"
     assert (layout.report("md"), layout.report("html")) == (f"{root}/report.md", f"{root}/report.html")
     assert batch_file(12) == "mb-000012.parquet" and batch_index("mb-000012.parquet") == 12
+    assert batch_file(12, "arrow") == "mb-000012.arrow" and batch_index("mb-000012.arrow") == 12
     assert batch_index("part-0.parquet") is None and batch_index(".mb-000001.parquet.tmp-ab") is None
 
 
@@ -37,7 +38,7 @@ def test_listing_and_removing_uncommitted_tables(tmp_path):
         (tmp_path / path).write_bytes(b"x")
     assert layout.dense_partitions() == [(0, "ln_attn"), (1, "ln_attn"), (1, "ln_mlp")]
     assert layout.stage_files("stats") == [paths[4]]
-    assert sorted(layout.batch_tables()) == sorted((p, int(p[-10:-8])) for p in paths)
+    assert sorted(layout.batch_tables()) == sorted((p, batch_index(p.rsplit("/", 1)[1])) for p in paths)
     assert layout.remove_uncommitted({0}) == 3
     assert sorted(p for p, _ in layout.batch_tables()) == sorted([paths[0], paths[4]])
 

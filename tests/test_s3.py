@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 
 from cluster.config import load_config
 from cluster.run import execute
+from analysis.scan import read_frame
 from common import files
 from common.layout import RunLayout, batch_file
 from common.record import read_record, write_record
@@ -76,8 +76,7 @@ def ray_cluster(s3):
 def tables(uri: str) -> dict:
     """{relative path: pyarrow table} of every activation file in the run."""
     layout = RunLayout.of(uri)
-    return {path.removeprefix(layout.root): pq.read_table(path, filesystem=layout.fs)
-            for path, _ in layout.batch_tables()}
+    return {path.removeprefix(layout.root): read_frame(layout.fs, path).to_arrow() for path, _ in layout.batch_tables()}
 
 
 def test_run_on_s3_equals_the_local_run_resumes_and_reanalyses(ray_cluster, s3, planted_checkpoint, tmp_path):
