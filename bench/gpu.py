@@ -77,6 +77,7 @@ def captured(model, batches, device, out: Path, mode: str, floor: float) -> dict
     import actors.stage as stage_module
     from actors.shard import ShardSpec
     from actors.stage import StageActor, StageSpec
+    from common.layout import RunLayout
 
     # NOTE: the stage normally loads its shard from a checkpoint; here it takes the random-init
     # model already in GPU memory (writing and reading a 14 GB checkpoint would take minutes).
@@ -96,7 +97,7 @@ def captured(model, batches, device, out: Path, mode: str, floor: float) -> dict
     stage.flush()
     wall_s = time.perf_counter() - start
     stage.close()
-    size = sum(f.stat().st_size for f in (out / mode).rglob("*.parquet"))
+    size = sum(Path(path).stat().st_size for path, _ in RunLayout.of(str(out / mode)).batch_tables())
     return {"seconds": wall_s, "until_last_forward_s": forward_s, "bytes": size}
 
 

@@ -51,7 +51,7 @@ def test_model_path_override_replaces_the_tiny_model():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["pipline.num_stages=2"], r"unknown key\(s\) \['pipline'\] at the top level; valid keys: \['analysis', 'data', 'model', 'pipeline', 'storage'\]"),
+    (["pipline.num_stages=2"], r"unknown key\(s\) \['pipline'\] at the top level; valid keys: \['analysis', 'capture', 'data', 'model', 'pipeline', 'storage'\]"),
     (["pipeline.num_stage=2"], r"unknown key\(s\) \['num_stage'\] in pipeline; valid keys: .*'num_stages'"),
     (["pipeline.num_stages=two"], r"pipeline.num_stages='two': expected int"),
     (["pipeline.num_stages=0"], r"pipeline.num_stages=0: must be at least 1"),
