@@ -93,12 +93,15 @@ class StageActor:
                             spec.floor) if wanted else None
         self.unchecked = not self.slice.first  # the hand-off is checked on the first micro-batch
         self.warm_up()
-        writer = make_writer(spec.output, spec.storage, spec.floor)
-        self.writer = BackgroundWriter(writer, depth=spec.write_depth)
+        self.start_writing(make_writer(spec.output, spec.storage, spec.floor), started)
+
+    def start_writing(self, writer, started: float) -> None:
+        """The background writer and the counters; the stage is ready once this returns."""
+        self.writer = BackgroundWriter(writer, depth=self.spec.write_depth)
         self.load_s = time.perf_counter() - started
         self.busy_s = 0.0
         self.tokens = 0
-        self.metrics = StageMetrics(spec.name)
+        self.metrics = StageMetrics(self.spec.name)
 
     def warm_up(self) -> None:
         """One forward of a micro-batch's shape before any real one.

@@ -54,13 +54,18 @@ def write_table(fs: pafs.FileSystem, path: str, table: pa.Table, **options) -> i
 
 def write_ipc(fs: pafs.FileSystem, path: str, table: pa.Table) -> int:
     """`table` as an uncompressed Arrow IPC file (Feather v2) at `path`; its bytes."""
-    import pyarrow.ipc as ipc
 
     def write(temp: str) -> None:
-        with fs.open_output_stream(temp) as out, ipc.new_file(out, table.schema) as writer:
-            writer.write_table(table)
+        with fs.open_output_stream(temp) as out:
+            ipc_into(out, table)
 
     return _atomically(fs, path, write)
+
+
+def ipc_into(out, table: pa.Table) -> None:
+    """`table` as an Arrow IPC file into the open stream `out`."""
+    with pa.ipc.new_file(out, table.schema) as writer:
+        writer.write_table(table)
 
 
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> int:

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import torch
 
-from actors.writer import ExceedanceWriter
+from actors.writer import ExceedanceWriter, select_numpy, select_torch
 from analysis import analyse
 from analysis.criteria import Criteria, feature_stats
 from analysis.scan import Scanner, list_partitions, read_frame
@@ -120,3 +120,21 @@ def test_floor_is_compared_as_a_real_number(tmp_path):
     assert float(below) < 3.1 <= float(float32_bar(3.1)) == float(above)
     assert dim.tolist() == [1, 3] and value.tolist() == [-3.5, float(above)]
     assert stats["count"].tolist() == [[0, 1, 0, 1]]
+
+
+@pytest.mark.parametrize("rows", [0, 1, 37])
+def test_numpy_and_torch_selections_agree(rows):
+    # The CPU path (numpy) and the GPU path (torch, here on the CPU) must keep the same entries
+    # in the same order, with the same counts and maxima; float64 sums agree to rounding.
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(3, rows, 64, generator=gen) * 2).to(torch.bfloat16).float()
+    x[..., 5] = 7.0 if rows else x[..., 5]
+    bar = float32_bar(3.1)
+    kept_np, stats_np = select_numpy(x.numpy(), bar)
+    kept_torch, stats_torch = select_torch(x, float(bar))
+    assert all(torch.equal(a, b) for a, b in zip(kept_np, kept_torch))
+    assert len(kept_np[0]) >= 3 * rows
+    for key in ("count", "max_abs"):
+        assert np.array_equal(stats_np[key], stats_torch[key]) and stats_np[key].dtype == stats_torch[key].dtype
+    for key in ("sum", "sum_sq"):
+        np.testing.assert_allclose(stats_np[key], stats_torch[key], rtol=1e-12, atol=1e-12)
