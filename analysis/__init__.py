@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Callable
 from dataclasses import dataclass, fields
 
 from analysis.criteria import Criteria, feature_stats, outlier_features
 from analysis.html import write_visual_report
 from analysis.profile import median_abs
 from analysis.report import build_summary, feature_table, write_outputs
+from analysis.pool import ScanPool, wanted
 from analysis.scan import Partial, Scanner, check_complete, list_partitions
 from analysis.view import moe_view
 from common.config import build, positive
@@ -35,6 +37,8 @@ class AnalysisConfig(Criteria):
 
     num_actors: int = 2
     """Polars scan actors; layer-sites are split between them."""
+    scan_actors_from_mb: float = 256.0
+    """Runs whose tables are smaller are scanned in the driver: an actor's start costs more."""
     super_expert_percentile: float = 99.5
     """A super expert's max |output| exceeds this percentile of every routed expert's."""
     super_expert_fraction: float = 0.1
@@ -55,6 +59,8 @@ class AnalysisConfig(Criteria):
         super().__post_init__()
         positive("analysis.num_actors", self.num_actors)
         positive("analysis.bootstrap_resamples", self.bootstrap_resamples)
+        if self.scan_actors_from_mb < 0:
+            raise ConfigError(f"analysis.scan_actors_from_mb={self.scan_actors_from_mb!r}: choose 0 or more")
         for name in ("super_expert_fraction", "super_expert_layers", "confidence"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"analysis.{name}={getattr(self, name)!r}: choose a fraction in (0, 1]")
@@ -76,12 +82,15 @@ def run_criteria(record: RunRecord) -> Criteria:
 
 
 def analyse(run_dir: str, criteria: Criteria | None = None, num_actors: int = 2,
-            allow_partial: bool = False, settings: AnalysisConfig | None = None) -> dict:
+            allow_partial: bool = False, settings: AnalysisConfig | None = None,
+            pool: ScanPool | None = None, on_summary: Callable[[dict], None] | None = None) -> dict:
     """Analyse the run at `run_dir`, write its outputs, and return the summary dict.
 
     `settings` (the MoE view's rules) and `criteria` default to the run config's analysis
-    section. `num_actors` is used only when Ray is initialised; `allow_partial` skips
-    unreadable files and missing partitions with a warning instead of failing.
+    section. The scan runs on `pool`'s actors (closed after), or, with Ray initialised and
+    tables of at least `scan_actors_from_mb`, on `num_actors` new ones; else in this process.
+    `allow_partial` skips unreadable files and missing partitions with a warning instead of
+    failing. `on_summary` is called once summary.json is written, before the plots.
     """
     start = time.perf_counter()
     positive("analysis.num_actors", num_actors)
@@ -93,7 +102,13 @@ def analyse(run_dir: str, criteria: Criteria | None = None, num_actors: int = 2,
     partitions = [p for p in found if p[1] in SITES]
     check_complete(partitions, record.num_layers, allow_partial)
 
-    partial = _scan(layout, record, criteria.threshold, partitions, num_actors, allow_partial)
+    if pool is None and ray_running() and wanted(layout.table_bytes(), settings.scan_actors_from_mb):
+        pool = ScanPool(num_actors)
+    try:
+        partial = _scan(layout, record, criteria.threshold, partitions, pool, allow_partial)
+    finally:
+        if pool is not None:
+            pool.close()
     scanned = time.perf_counter()
     length = record.seq_len or record.section("data").get("seq_len") or int(partial.exceedances["pos"].max() or 0) + 1
     per_dim = feature_stats(partial.exceedances, partial.stats, record.num_layers, record.tokens, length)
@@ -108,35 +123,24 @@ def analyse(run_dir: str, criteria: Criteria | None = None, num_actors: int = 2,
                  "total": round(done - start, 3)},
     )
     write_outputs(layout, summary, features)
+    if on_summary:
+        on_summary(summary)
     # Plots, layer profile and report.html (analysis.html); report.md gains plot links.
     medians = median_abs(layout, record, partitions)
     write_visual_report(layout, summary, per_dim, partial.stats, medians, view.get("experts"))
     return summary
 
 
-def _scan(layout: RunLayout, record: RunRecord, threshold: float, partitions: list, num_actors: int,
-          allow_partial: bool) -> Partial:
-    """Scan in-process, or across Ray actors when Ray is initialised."""
-    # NOTE: Ray cannot be initialised unless imported, so the CLI never pays for importing it.
+def ray_running() -> bool:
+    """Whether this process has Ray initialised (never imports Ray: the CLI need not pay for it)."""
     ray = sys.modules.get("ray")
-    local = Scanner(layout, record, threshold, allow_partial)  # checks settings before actors start
-    if ray is None or not ray.is_initialized():
+    return ray is not None and ray.is_initialized()
+
+
+def _scan(layout: RunLayout, record: RunRecord, threshold: float, partitions: list, pool: ScanPool | None,
+          allow_partial: bool) -> Partial:
+    """Scan in-process, or on the pool's actors."""
+    local = Scanner(layout, record, threshold, allow_partial)  # checks settings before actors run
+    if pool is None:
         return local.scan(partitions)
-    # NOTE: each actor reserves one CPU; more actors than cluster CPUs would never start.
-    count = max(1, min(num_actors, len(partitions), int(ray.cluster_resources().get("CPU", 1))))
-    remote = ray.remote(num_cpus=1)(Scanner)
-    actors = [remote.options(name=f"scan-{i}").remote(layout, record, threshold, allow_partial)
-              for i in range(count)]
-    try:
-        if record.storage_mode == "dense":
-            # Round-robin: each actor gets every count-th partition, so depths and sites mix.
-            jobs = [actor.scan.remote(partitions[i::count]) for i, actor in enumerate(actors)]
-        else:  # each stored file holds many partitions: actors share the files instead
-            jobs = [actor.scan.remote(partitions, (i, count)) for i, actor in enumerate(actors)]
-        return Partial.merge(ray.get(jobs))
-    except ray.exceptions.RayTaskError as err:
-        # Callers catch UserError; surface the actor's own error, not Ray's wrapper.
-        raise (err.cause or err) from None
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    return pool.scan(layout, record, threshold, allow_partial, partitions)

@@ -42,10 +42,15 @@ class Progress:
         # NOTE: in-place redraw only when we own a terminal; `ray job logs` gets plain lines.
         self.live = self.stream.isatty()
 
+    def eta_s(self) -> float:
+        """Seconds left at the rate so far (infinite before the first commit)."""
+        rate = self.done / max(self.clock() - self.started, 1e-9)
+        return (self.total - self.done) / rate if rate > 0 else (0.0 if self.done >= self.total else float("inf"))
+
     def line(self) -> str:
         elapsed = max(self.clock() - self.started, 1e-9)
         rate = self.done / elapsed
-        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        left = self.eta_s()
         eta = duration(left) if left != float("inf") else "?"
         fraction = self.done / self.total if self.total else 1.0
         return (f"extract {bar(fraction)} {100 * fraction:5.1f}%  "

@@ -17,6 +17,7 @@ from actors.anatomy import Anatomy, anatomy
 from actors.shard import ShardSpec, checkpoint_dir, load_config, text_config
 from actors.stage import StageSpec
 from actors.batch import MicroBatch
+from analysis.pool import EarlyStart, wanted
 from cluster import placement
 from cluster.config import RunConfig
 from cluster.data import load_texts, pack_sequences, shuffle_documents
@@ -134,8 +135,28 @@ def place_stages(config: RunConfig, prepared: Prepared, ledger: Ledger):
     return group, bundles
 
 
-def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, quiet: bool = False) -> None:
-    """Place the stages, load them and run every uncommitted micro-batch through them."""
+def expected_table_bytes(config: RunConfig, prepared: Prepared) -> int:
+    """About how many bytes of tables the run will write (dense: every value at 2 or 4 bytes;
+    exceedances: the per-dim statistics alone, the kept entries being unknown in advance)."""
+    body, sites = prepared.anatomy, 2 + config.capture.residual
+    if config.storage.mode == "dense":
+        width = 4 if body.dtype == "float32" else 2
+        return prepared.tokens.numel() * body.num_layers * sites * body.hidden_size * width
+    batches = len(plan_micro_batches(len(prepared.tokens), config.pipeline.micro_batch_size))
+    return batches * body.num_layers * sites * body.hidden_size * 40  # NOTE: 5 columns of 8 bytes
+
+
+def early_analysis(config: RunConfig, prepared: Prepared, progress: Progress) -> EarlyStart | None:
+    """What starts the scan actors near the end of the extraction, for a run big enough to want them."""
+    settings = config.analysis
+    if not wanted(expected_table_bytes(config, prepared), settings.scan_actors_from_mb):
+        return None
+    return EarlyStart(settings.num_actors, progress.eta_s)
+
+
+def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, quiet: bool = False) -> EarlyStart | None:
+    """Place the stages, load them and run every uncommitted micro-batch through them; returns
+    the scan actors' early start, if the run wants them (closed here if the extraction fails)."""
     import ray
 
     from cluster.pipeline import StageLost, StageStartError, drive, loaded, start_stages
@@ -146,7 +167,7 @@ def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, quiet: bool =
     timings["cluster_start_s"] = time.perf_counter() - mark
     specs = stage_specs(config, prepared, config.storage.output)
     names = [spec.name for spec in specs]
-    stages = []
+    stages, early = [], None
     try:
         mark = time.perf_counter()
         stages = start_stages(specs, group, bundles)
@@ -157,21 +178,28 @@ def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, quiet: bool =
         mark = time.perf_counter()
         todo = micro_batches(prepared.tokens, config.pipeline.micro_batch_size, ledger.record.committed())
         progress = Progress({b.index: int(b.attention_mask.sum()) for b in todo}, quiet=quiet)
-        drive(stages, todo, config.pipeline.in_flight, progress.wrap(ledger.commit),
-              revive_timeout_s=config.pipeline.placement_timeout_s)
+        early = early_analysis(config, prepared, progress)
+        commit = progress.wrap(ledger.commit)
+        if early:
+            commit = early.after(commit)
+        drive(stages, todo, config.pipeline.in_flight, commit, revive_timeout_s=config.pipeline.placement_timeout_s)
         timings["extract_s"] = time.perf_counter() - mark
         # Stages restarted after a fault may now live elsewhere: record where they ended.
         ray.get([s.close.remote() for s in stages])
         ledger.placed(ray.get([s.info.remote() for s in stages]), names)
         ledger.record.stage_stats = ray.get([s.stats.remote() for s in stages])
-    except (StageLost, StageStartError):
-        ledger.record.status = "stopped"
-        ledger.save()
+    except BaseException as err:
+        if early:
+            early.close()
+        if isinstance(err, (StageLost, StageStartError)):
+            ledger.record.status = "stopped"
+            ledger.save()
         raise
     finally:
         for stage in stages:
             ray.kill(stage)
         ray.util.remove_placement_group(group)
+    return early
 
 
 def execute(config: RunConfig, resume: bool = False, quiet: bool = False) -> dict:
@@ -187,12 +215,18 @@ def execute(config: RunConfig, resume: bool = False, quiet: bool = False) -> dic
         log.info("model %s (%d layers, hidden %d)", prepared.model_path, ledger.record.num_layers,
                  ledger.record.hidden_size)
         log.info("%s", describe(prepared.stages, prepared.stage_bytes))
-        extract(config, prepared, ledger, quiet)
+        early = extract(config, prepared, ledger, quiet)
 
-        mark = time.perf_counter()
-        summary = analyse(config.storage.output, config.analysis.criteria(), config.analysis.num_actors)
-        timings = ledger.record.timings
-        timings["analysis_s"] = time.perf_counter() - mark
+        # NOTE: analysis_s ends when summary.json is written; the plots after it are report_s.
+        timings, mark = ledger.record.timings, time.perf_counter()
+        summarised = lambda _: timings.update(analysis_s=time.perf_counter() - mark)  # noqa: E731
+        try:
+            summary = analyse(config.storage.output, config.analysis.criteria(), config.analysis.num_actors,
+                              pool=early.pool if early else None, on_summary=summarised)
+        finally:
+            if early:
+                early.close()
+        timings["report_s"] = time.perf_counter() - mark - timings["analysis_s"]
         timings["total_s"] = time.perf_counter() - started
         ledger.record.status = "complete"
         ledger.save()

@@ -161,6 +161,12 @@ class RunLayout:
                       if (i := batch_index(e.base_name)) is not None]
         return found
 
+    def table_bytes(self) -> int:
+        """Bytes of every captured table of the run (what a scan reads at most)."""
+        return sum(e.size for kind in (DENSE, *STAGE_KINDS)
+                   for e in files.files(self.fs, self.kind(kind), recursive=True)
+                   if batch_index(e.base_name) is not None)
+
     def remove_uncommitted(self, committed: set[int]) -> int:
         """Delete the tables of micro-batches not committed; returns how many files.
 

@@ -175,15 +175,40 @@ def test_cli_corrupt_file_named_or_skipped_with_allow_partial(run):
 
 
 def test_ray_actors_give_the_brute_force_summary(ray_cluster, tmp_path):
+    from analysis.pool import ScanPool
+
     acts, mask = planted_activations()
     path = write_run(tmp_path / "run", acts, mask)
     reference = reference_per_dim(acts, mask, 6.0)
-    first = analyse(str(path), num_actors=2)
-    again = analyse(str(path), num_actors=2)  # the actor names are free again after a run
+    pools = [ScanPool(2)]
+    first = analyse(str(path), pool=pools[0])
+    pools.append(ScanPool(3))  # the actor names are free again after a run
+    again = analyse(str(path), pool=pools[1])
     for summary in (first, again):
         assert summary["partitions"] == 8
         assert {row["dim"]: row["classification"] for row in summary["outlier_features"]} == PLANTED
         for row in summary["outlier_features"]:
             assert row["layers"] == reference[row["dim"]]["layers"]
             assert row["occurrences"] == reference[row["dim"]]["occurrences"]
+    assert all(not pool.actors for pool in pools)
     assert not [name for name in ray_cluster.util.list_named_actors() if name.startswith("scan-")]
+
+
+def test_small_runs_scan_in_process_and_large_ones_on_actors(ray_cluster, tmp_path, monkeypatch):
+    import analysis
+    from analysis.pool import ScanPool
+
+    acts, mask = planted_activations()
+    path = write_run(tmp_path / "run", acts, mask)
+    started = []
+    monkeypatch.setattr(analysis, "ScanPool", lambda count: started.append(count) or ScanPool(count))
+    small = analyse(str(path), num_actors=2)
+    assert started == []
+    size = RunLayout.of(str(path)).table_bytes()
+    assert size > 0
+    settings = analysis.run_settings(read_record(RunLayout.of(str(path))))
+    from dataclasses import replace
+
+    large = analyse(str(path), num_actors=2, settings=replace(settings, scan_actors_from_mb=size / 2**20))
+    assert started == [2]
+    assert small["outlier_features"] == large["outlier_features"]

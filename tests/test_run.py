@@ -72,6 +72,33 @@ def test_planted_dims_are_exactly_the_features_found(ray_cluster, planted_checkp
     assert "| 5 |" in Path(RunLayout.of(str(tmp_path / "run")).report("md")).read_text()
 
 
+@pytest.mark.parametrize("actors_from_mb", [0.0, 1e6])
+def test_scan_actors_start_during_extraction_only_for_large_runs(ray_cluster, planted_checkpoint, tmp_path,
+                                                                monkeypatch, actors_from_mb):
+    import analysis.pool
+
+    events = []
+
+    class Recorded(analysis.pool.ScanPool):
+        def __init__(self, count):
+            events.append(("started", count))
+            super().__init__(count)
+
+        def scan(self, *args):
+            events.append(("scanned", len(self.actors)))
+            return super().scan(*args)
+
+    monkeypatch.setattr(analysis.pool, "ScanPool", Recorded)
+    config = load_config(run_config(planted_checkpoint, tmp_path / "run", analysis={"scan_actors_from_mb": actors_from_mb}))
+    result = execute(config, quiet=True)
+    assert [f["dim"] for f in result["summary"]["outlier_features"]] == [5, 40]
+    # large: started by the driver's early start (analyse, passed the pool, starts none), then used
+    assert events == ([("started", 2), ("scanned", 2)] if actors_from_mb == 0 else [])
+    timings = result["record"].timings
+    assert 0 < timings["analysis_s"] and 0 < timings["report_s"]
+    assert timings["total_s"] >= timings["extract_s"] + timings["analysis_s"] + timings["report_s"]
+
+
 def test_a_model_without_plants_has_no_outlier_features(ray_cluster, tiny_checkpoint, tmp_path):
     result = execute(load_config(run_config(tiny_checkpoint("qwen3_moe"), tmp_path / "run")), quiet=True)
     assert result["summary"]["outlier_features"] == []
