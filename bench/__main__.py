@@ -17,36 +17,39 @@ import tempfile
 from pathlib import Path
 
 from bench import baselines, extract, report
-from bench.workload import FLOOR, QUICK, Workload
+from bench.workload import CORES, FLOOR, QUICK, Workload
 
 HERE = Path(__file__).parent
-PIPELINE_ROWS = [("c1", 1, "dense"), ("c2", 2, "dense"), ("c4", 4, "dense"),
-                 ("d1", 1, "exceedances"), ("d2", 2, "exceedances")]
+# key, stages, storage mode, captures: the issue's rows, then the MoE view's capture costs
+PIPELINE_ROWS = [("c1", 1, "dense", {}), ("c2", 2, "dense", {}),
+                 ("d1", 1, "exceedances", {}), ("d2", 2, "exceedances", {}),
+                 ("r1", 1, "dense", {"routing": True}), ("x1", 1, "dense", {"experts": True})]
 
 
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 x 256 tokens, 1 round (~1 minute)")
+    parser.add_argument("--quick", action="store_true", help="4 x 256 tokens, 1 round, short simulation")
     parser.add_argument("--rounds", type=int, help="rounds of every row (default 3; quick 1)")
     parser.add_argument("--json", default=str(HERE / "results.json"), help="where to write the figures")
     parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     parser.add_argument("--no-memory", action="store_true", help="skip the stage memory check")
-    parser.add_argument("--sequences", type=int,
-                        help="sequences of 512 tokens (default 8): more amortise each process's cold start")
+    parser.add_argument("--no-simulation", action="store_true", help="skip the pipeline simulator's rows")
+    parser.add_argument("--sequences", type=int, help="sequences of 512 tokens (default 32)")
     return parser.parse_args(argv)
 
 
 def one_round(work: Workload, path: str, tokens, root: Path) -> tuple[dict, dict]:
     """Every row once: (seconds by row, pipeline details by row)."""
     fresh = baselines.in_fresh_process
-    seconds = {"a": fresh(baselines.plain_forward, path, work.dtype, tokens, 1)["seconds"],
-               "a_warm": fresh(baselines.plain_forward, path, work.dtype, tokens, 1, "tokens")["seconds"]}
-    legacy = fresh(baselines.legacy, path, work.dtype, tokens, root / "legacy", 6.0, 1)
+    seconds = {"a": fresh(baselines.plain_forward, path, work.dtype, tokens, 1, CORES)["seconds"],
+               "a1": fresh(baselines.plain_forward, path, work.dtype, tokens, 1, 1)["seconds"]}
+    legacy = fresh(baselines.legacy, path, work.dtype, tokens, root / "legacy", 6.0, 1, CORES)
     seconds["b"] = legacy["seconds"]
     details = {"b": legacy}
-    for key, stages, mode in PIPELINE_ROWS:
-        details[key] = extract.run_rows(work, root, stages, mode, 1)
+    for key, stages, mode, capture in PIPELINE_ROWS:
+        details[key] = extract.run_rows(work, root, stages, mode, 1, capture)
         seconds[key] = details[key]["extract_s"]
+        seconds[key + "_analysis"] = details[key]["analysis_s"]
     return seconds, details
 
 
@@ -55,24 +58,26 @@ def rows(rounds: list[dict], details: list[dict], analysis: dict) -> dict:
     last = details[-1]
     b = last["b"]
     table = {
-        "a": {"name": "(a) plain forward, no capture", "seconds": med("a"),
+        "a": {"name": f"(a) plain forward, {CORES} threads: the floor", "seconds": med("a"),
               "notes": "fresh process, warmed like a stage"},
-        "a_warm": {"name": "(a) plain forward, kernels warm on these tokens", "seconds": med("a_warm"),
-                   "notes": "reference only: no fresh process has this"},
+        "a1": {"name": "(a) plain forward, 1 thread", "seconds": med("a1")},
         "b": {"name": "(b) replaced: 6 full forwards, torch.save, Python loop", "seconds": med("b"),
               "bytes": b["bytes"], "notes": f"extract {b['extract_s']:.2f} s + analysis {b['analysis_s']:.2f} s"},
     }
-    for key, stages, mode in PIPELINE_ROWS:
+    for key, stages, mode, capture in PIPELINE_ROWS:
         bubble = statistics.median(d[key]["bubble"] for d in details if d[key]["bubble"] is not None)
         label = "dense" if mode == "dense" else f"exceedances >= {FLOOR:g}"
-        table[key] = {"name": f"({key[0]}) pipeline, {stages} stage{'s' * (stages > 1)}, {label}",
-                      "seconds": med(key), "bytes": last[key]["bytes"], "notes": f"bubble {bubble:.0%}"}
+        label += "".join(f", capture.{name}" for name in capture)
+        cpus = f"{CORES // stages} CPU{'s' * (CORES // stages > 1)} each" if stages > 1 else f"{CORES} CPUs"
+        table[key] = {"name": f"({key[0]}) pipeline, {stages} stage{'s' * (stages > 1)} ({cpus}), {label}",
+                      "seconds": med(key), "bytes": last[key]["bytes"],
+                      "notes": f"bubble {bubble:.0%}; its analysis_s {med(key + '_analysis'):.2f} s"}
     for mode, figures in analysis.items():
-        table[f"read-{mode}"] = {"name": f"Parquet read only ({mode} run): I/O floor",
+        table[f"read-{mode}"] = {"name": f"table read only ({mode} run): I/O floor",
                                  "seconds": figures["read_s"], "bytes": figures["bytes"]}
         table[f"analyse-{mode}"] = {"name": f"analysis ({mode} run), in-process",
                                     "seconds": figures["analysis_s"],
-                                    "notes": f"scan + criteria; report writing +{figures['report_s']:.2f} s; "
+                                    "notes": f"scan + criteria; plots and report.html +{figures['report_s']:.2f} s; "
                                              f"features {figures['features']}"}
     return table
 
@@ -87,7 +92,7 @@ def main(argv=None) -> int:
     path, tokens = extract_tokens(work)
     result["tokens"] = int(tokens.numel())
     root = Path(tempfile.mkdtemp(prefix="moe-outliers-bench-"))
-    result["cluster_start_s"] = extract.start_ray(2)
+    result["cluster_start_s"] = extract.start_ray(CORES)
     rounds, details = [], []
     for index in range(count):
         seconds, detail = one_round(work, path, tokens, root)
@@ -102,12 +107,15 @@ def main(argv=None) -> int:
     analysis = {mode: extract.analysis_rows(details[-1][key]["run_dir"], max(3, count))
                 for mode, key in (("dense", "c1"), ("exceedances", "d1"))}
     for r in rounds:
-        r["c1_e2e"] = r["c1"] + analysis["dense"]["analysis_s"]
-        r["d1_e2e"] = r["d1"] + analysis["exceedances"]["analysis_s"]
+        r["c1_e2e"] = r["c1"] + r["c1_analysis"]
+        r["d1_e2e"] = r["d1"] + r["d1_analysis"]
+    result["default_job"] = None if args.quick else extract.default_job(root)
+    result["simulation"] = None if args.no_simulation else _simulation(args.quick)
     result["load_s"] = statistics.median(d["c1"]["load_s"] for d in details)
     result["memory"] = None if args.no_memory or args.quick else _memory(work)
     result["rows"] = rows(rounds, details, analysis)
-    result["targets"] = report.targets(rounds, analysis, result["memory"])
+    result["targets"] = report.targets(rounds, analysis, result["memory"], result["default_job"],
+                                       result["simulation"])
     result["per_round"], result["analysis"] = rounds, analysis
     result["load_average_end"] = os.getloadavg()
     print(report.table(result))
@@ -126,6 +134,16 @@ def extract_tokens(work: Workload):
 
     hf_logging.disable_progress_bar()
     return prepared(work)
+
+
+def _simulation(quick: bool) -> dict:
+    """The simulator's rows at N = 4, T = 60 ms, hidden 2048 (bench.simulate), on this machine."""
+    from bench.simulate import MODES, simulate
+
+
+    result = simulate((2048,), (4,), MODES, micro_batches=8 if quick else 32)
+    print(report.simulated(result))
+    return result
 
 
 def _memory(work: Workload) -> dict:

@@ -7,10 +7,11 @@
     is re-run over every sequence with hooks on that chunk's layer norms, and each
     layer-site is saved with `torch.save`; the analysis then loads every file and walks,
     in a Python loop, every entry with |x| >= threshold to build the per-dim statistics.
-Both run with one torch thread, as each pipeline stage does. For the ratios both run in a
+Both run with the threads asked for (the floor: both cores of the reference machine; (b)
+as the replaced tool did, with torch's default of every core). For the ratios both run in a
 fresh process after one warm-up forward of seeded random tokens, the warm-up every stage
 does: on the CPU each new matmul shape costs a kernel build, and a process that has already
-run these very tokens has every expert shape built (`warm_on="tokens"`, reported apart).
+run these very tokens has every expert shape built (`warm_on="tokens"`).
 """
 
 from __future__ import annotations
@@ -57,10 +58,10 @@ def warm_up(model, tokens: torch.Tensor, warm_on: str) -> None:
             model.model(input_ids=row)
 
 
-def plain_forward(model_path: str, dtype: str, tokens: torch.Tensor, repeats: int,
+def plain_forward(model_path: str, dtype: str, tokens: torch.Tensor, repeats: int, threads: int,
                   warm_on: str = "random") -> dict:
     """(a): the decoder forward alone, micro-batches of one sequence, after a warm-up."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     model = load_full(model_path, dtype)
     load_s = time.perf_counter() - start
@@ -123,9 +124,9 @@ def legacy_features(per_dim: dict, threshold: float, min_layers=0.25, min_tokens
 
 
 def legacy(model_path: str, dtype: str, tokens: torch.Tensor, out: Path, threshold: float,
-           repeats: int) -> dict:
+           repeats: int, threads: int) -> dict:
     """(b) end to end, median of `repeats`: extraction and analysis timed apart."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     model = load_full(model_path, dtype)
     load_s = time.perf_counter() - start

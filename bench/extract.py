@@ -40,20 +40,20 @@ def data_bytes(run_dir: Path) -> int:
     return sum(path.stat().st_size for path in tables(run_dir))
 
 
-def run_rows(workload, root: Path, num_stages: int, mode: str, repeats: int) -> dict:
-    """Median figures of `repeats` runs of one (stages, mode) configuration."""
+def run_rows(workload, root: Path, num_stages: int, mode: str, repeats: int, capture: dict | None = None) -> dict:
+    """Median figures of `repeats` runs of one (stages, mode, captures) configuration."""
     from cluster.config import load_config
     from cluster.run import execute
 
     runs = []
     for i in range(repeats):
-        out = root / f"{mode}-{num_stages}-{i}"
+        out = root / f"{mode}-{num_stages}-{'-'.join(capture or ['plain'])}-{i}"
         shutil.rmtree(out, ignore_errors=True)
-        record = execute(load_config(workload.config(str(out), num_stages, mode)), quiet=True)["record"]
+        record = execute(load_config(workload.config(str(out), num_stages, mode, capture)), quiet=True)["record"]
         timings, stats = record.timings, record.stage_stats
         busy = [s["busy_s"] for s in stats if "busy_s" in s]
         runs.append({
-            "extract_s": timings["extract_s"], "load_s": timings["load_s"],
+            "extract_s": timings["extract_s"], "load_s": timings["load_s"], "analysis_s": timings["analysis_s"],
             "cluster_start_s": timings["cluster_start_s"],
             "bubble": 1 - statistics.mean(busy) / timings["extract_s"] if busy else None,
             "bytes": data_bytes(out), "tokens": record.tokens, "run_dir": str(out),
@@ -61,6 +61,16 @@ def run_rows(workload, root: Path, num_stages: int, mode: str, repeats: int) -> 
     middle = sorted(runs, key=lambda r: r["extract_s"])[len(runs) // 2]  # the median run itself
     return {**middle, "extract_runs": [r["extract_s"] for r in runs],
             "bubble_runs": [r["bubble"] for r in runs]}
+
+
+def default_job(root: Path) -> dict:
+    """The README's default job (configs/tiny_moe.yaml), once: its own timings."""
+    from cluster.config import load_config
+    from cluster.run import execute
+
+    config = load_config(str(Path(__file__).parent.parent / "configs" / "tiny_moe.yaml"),
+                         [f"storage.output={root / 'default-job'}"])
+    return dict(execute(config, quiet=True)["record"].timings)
 
 
 def read_floor(run_dir: Path) -> float:

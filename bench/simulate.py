@@ -179,9 +179,10 @@ def run_case(case: Case, warm: int = 2) -> dict:
         in_flight = case.in_flight or case.stages + 1
         drive(stages, batches(case, warm), in_flight, lambda done: None)
         before = ray.get([s.stats.remote() for s in stages])
-        cpu, start = time.process_time(), time.perf_counter()
+        cpu, start, machine = time.process_time(), time.perf_counter(), busy_ticks()
         drive(stages, batches(case, case.micro_batches, warm), in_flight, lambda done: None)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        machine = [after - before for before, after in zip(machine, busy_ticks())]
         after = ray.get([s.stats.remote() for s in stages])
     finally:
         for stage in stages:
@@ -190,13 +191,26 @@ def run_case(case: Case, warm: int = 2) -> dict:
     return {"case": case.name(), "stages": case.stages, "mode": case.mode, "hidden": case.hidden,
             "seconds": wall, "ideal_s": case.ideal_s, "efficiency": case.ideal_s / wall if case.wait_s else None,
             "driver_cpu_ms": 1000 * cpu / case.micro_batches,
+            "cores_busy": machine[0] / machine[1] * len(os.sched_getaffinity(0)) if machine[1] else None,
             "stage_overhead_ms": [round(1000 * (b - case.wait_s), 2) for b in busy],
             "bytes_per_stage": after[0]["bytes_written"] - before[0]["bytes_written"]}
 
 
-def handoff_ms(hidden: int, device: str, micro_batches: int = 32) -> float:
+def busy_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far (/proc/stat; zeros elsewhere): every
+    process counts, Ray's own included, so `cores_busy` says whether the cores ran out."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(x) for x in stat.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def handoff_ms(hidden: int, device: str, micro_batches: int = 32, seq_len: int = 2048) -> float:
     """One hand-off: the time per micro-batch that a second stage adds at T = 0, one in flight."""
-    one, two = (run_case(Case(n, "none", hidden, 0.0, micro_batches, in_flight=1, device=device))
+    one, two = (run_case(Case(n, "none", hidden, 0.0, micro_batches, seq_len, in_flight=1, device=device))
                 for n in (1, 2))
     return 1000 * (two["seconds"] - one["seconds"]) / micro_batches
 
@@ -252,7 +266,8 @@ def raw_write(path: str, total: int, chunk: int) -> float:
 
 
 def simulate(hiddens=(2048, 4096), stage_counts=(1, 2, 4), modes=MODES, wait_s: float = 0.060,
-             micro_batches: int = 32, device: str = "cpu", directory: str | None = None) -> dict:
+             micro_batches: int = 32, device: str = "cpu", directory: str | None = None,
+             seq_len: int = 2048) -> dict:
     """Every figure of the module docstring, in one Ray session of its own."""
     import ray
 
@@ -260,25 +275,28 @@ def simulate(hiddens=(2048, 4096), stage_counts=(1, 2, 4), modes=MODES, wait_s: 
     if started_here:
         ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
-        cases = [run_case(Case(n, mode, hidden, wait_s, micro_batches, device=device))
+        cases = [run_case(Case(n, mode, hidden, wait_s, micro_batches, seq_len, device=device))
                  for hidden in hiddens for mode in modes for n in stage_counts]
-        handoffs = {hidden: handoff_ms(hidden, device, micro_batches) for hidden in hiddens}
+        handoffs = {hidden: handoff_ms(hidden, device, micro_batches, seq_len) for hidden in hiddens}
     finally:
         if started_here:
             ray.shutdown()
-    writer = writer_rows(directory or tempfile.gettempdir(), hiddens[0])
-    return {"cases": cases, "handoff_ms": handoffs, "writer": writer}
+    writer = writer_rows(directory or tempfile.gettempdir(), hiddens[0], seq_len)
+    return {"cases": cases, "handoff_ms": handoffs, "writer": writer, "seq_len": seq_len}
 
 
 def table(result: dict) -> str:
-    lines = ["| Case | Seconds | Ideal (M+N-1)T | Efficiency | Driver CPU ms/mb | Stage CPU ms/mb beyond T |",
-             "|------|--------:|---------------:|-----------:|-----------------:|--------------------------|"]
+    cores = len(os.sched_getaffinity(0))
+    lines = ["| Case | Seconds | Ideal (M+N-1)T | Efficiency | Driver CPU ms/mb | Stage CPU ms/mb beyond T "
+             f"| Cores busy (of {cores}) |",
+             "|------|--------:|---------------:|-----------:|-----------------:|--------------------------|------:|"]
     for c in result["cases"]:
         eff = "" if c["efficiency"] is None else f"{c['efficiency']:.3f}"
+        busy = "" if c.get("cores_busy") is None else f"{c['cores_busy']:.2f}"
         lines.append(f"| {c['case']} | {c['seconds']:.3f} | {c['ideal_s']:.3f} | {eff} | "
-                     f"{c['driver_cpu_ms']:.1f} | {', '.join(f'{x:.1f}' for x in c['stage_overhead_ms'])} |")
+                     f"{c['driver_cpu_ms']:.1f} | {', '.join(f'{x:.1f}' for x in c['stage_overhead_ms'])} | {busy} |")
     lines += ["", "One hand-off (actor call + state transfer, one micro-batch in flight): " + ", ".join(
-        f"[1, 2048, {h}] bf16 {ms:.1f} ms" for h, ms in result["handoff_ms"].items())]
+        f"[1, {result['seq_len']}, {h}] bf16 {ms:.1f} ms" for h, ms in result["handoff_ms"].items())]
     w = result["writer"]
     lines += [f"Dense writer to disk ({w['shape']}, {w['bytes_per_mb'] / 2**20:.0f} MiB): "
               f"{w['writer_mb_s']:.0f} MB/s against a raw sequential write of {w['raw_mb_s']:.0f} MB/s "

@@ -27,3 +27,32 @@ def test_gpu_bench_runs_small_without_ray_or_polars(tmp_path):
     from common.layout import STATS, RunLayout
 
     assert RunLayout.of(str(tmp_path / "exceedances")).stage_files(STATS)
+
+
+def test_pipeline_simulator_runs_every_case_through_the_real_driver(ray_cluster, tmp_path):
+    from bench.simulate import MODES, simulate, table
+
+    result = simulate((64,), (1, 2), MODES, wait_s=0.001, micro_batches=3, directory=str(tmp_path), seq_len=32)
+    cases = {(c["stages"], c["mode"]): c for c in result["cases"]}
+    assert set(cases) == {(n, mode) for n in (1, 2) for mode in MODES}
+    for (stages, mode), case in cases.items():
+        assert case["ideal_s"] == (3 + stages - 1) * 0.001 and case["efficiency"] > 0
+        assert len(case["stage_overhead_ms"]) == stages
+    # dense writes every value of 2 sites of [1, 32, 64] per micro-batch: at least 2 bytes each
+    dense, sparse = cases[(2, "dense")]["bytes_per_stage"], cases[(2, "exceedances")]["bytes_per_stage"]
+    assert dense >= 3 * 2 * 32 * 64 * 2 and 0 < sparse < dense and cases[(2, "none")]["bytes_per_stage"] == 0
+    writer = result["writer"]
+    assert writer["bytes_per_mb"] >= 4 * 2 * 32 * 64 * 2 and writer["writer_mb_s"] > 0 and writer["raw_mb_s"] > 0
+    assert set(result["handoff_ms"]) == {64}
+    assert "N=2 M=3" in table(result)
+
+
+def test_gpu_suite_runs_small_and_records_both_parts(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--small", "--record", "--results", str(results),
+                           "--dir", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    text = results.read_text()
+    assert "GPU bench (--small check)" in text and "FAILED" not in text
+    assert "| (c) capture, dense |" in text and "N=2 M=4 T=10ms exceedances" in text

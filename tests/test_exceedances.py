@@ -116,7 +116,7 @@ def test_floor_is_compared_as_a_real_number(tmp_path):
     below = np.float32(3.1)
     above = np.nextafter(below, np.float32(np.inf))
     writer = ExceedanceWriter(str(tmp_path), 3.1)
-    (site, token, dim, value), stats = writer.select(torch.tensor([[[below, -3.5, 1.0, above]]]))
+    (site, token, dim, value), stats = writer.select([torch.tensor([[below, -3.5, 1.0, above]])])
     assert float(below) < 3.1 <= float(float32_bar(3.1)) == float(above)
     assert dim.tolist() == [1, 3] and value.tolist() == [-3.5, float(above)]
     assert stats["count"].tolist() == [[0, 1, 0, 1]]
