@@ -92,8 +92,9 @@ class StageActor:
         self.moe = MoeProbe(moe_blocks(layers, family), spec.capture.routing, spec.capture.experts,
                             spec.floor) if wanted else None
         self.unchecked = not self.slice.first  # the hand-off is checked on the first micro-batch
-        self.warm_up()
-        self.start_writing(make_writer(spec.output, spec.storage, spec.floor), started)
+        tables = make_writer(spec.output, spec.storage, spec.floor)
+        self.warm_up(tables)
+        self.start_writing(tables, started)
 
     def start_writing(self, writer, started: float) -> None:
         """The background writer and the counters; the stage is ready once this returns."""
@@ -103,8 +104,9 @@ class StageActor:
         self.tokens = 0
         self.metrics = StageMetrics(self.spec.name)
 
-    def warm_up(self) -> None:
-        """One forward of a micro-batch's shape before any real one.
+    def warm_up(self, tables=None) -> None:
+        """One forward of a micro-batch's shape before any real one, its tables prepared and
+        serialised by `tables` into nowhere (StageTables.rehearse).
 
         Past stage 0 it runs on what the model's forward brings layer a from stand-in
         embeddings of noise; families whose layers carry more than the hidden states need
@@ -114,15 +116,18 @@ class StageActor:
         bench machine), and each micro-batch gives each expert a new row count: the first
         micro-batches of a fresh process run up to 2x slower. One forward here meets the
         attention shapes and some expert ones; sweeping every row count would cost more than
-        it saves on short runs and is amortised on long ones (bench/RESULTS.md).
+        it saves on short runs and is amortised on long ones (bench/RESULTS.md). The tables'
+        first serialisation imports pyarrow's Parquet and pandas modules (~0.7 s on the bench
+        machine), paid here rather than by the first micro-batch.
         """
         if not self.slice.first and len(self.slice.carries) > 1:
             return
         batch, seq = self.spec.warm_up
         ids = warm_up_ids(self.config.vocab_size, batch, seq)
         self.embed.fill = "noise"
+        rehearsal = MicroBatch(-1, list(range(batch)), ids, torch.ones_like(ids))
         try:
-            self.run_layers(MicroBatch(-1, list(range(batch)), ids, torch.ones_like(ids)))
+            _, captured, moe = self.run_layers(rehearsal)
         except Exception as err:
             if self.slice.first or isinstance(err, (HandoffError, CaptureError)):
                 raise
@@ -134,6 +139,8 @@ class StageActor:
         finally:
             self.embed.fill = "zeros"
         self.check_arity()
+        if tables is not None:
+            tables.rehearse(tables.prepare(rehearsal, captured, moe))
 
     def check_handoff(self, batch: MicroBatch, state, captured: dict) -> None:
         """Past stage 0, once: the first micro-batch run again over stand-in embeddings of noise

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from actors.batch import MicroBatch
@@ -129,6 +130,16 @@ class StageTables:
         for piece in pieces:
             write = files.write_ipc if piece.ipc else files.write_table
             self.bytes_written += write(self.layout.fs, piece.path, piece.table)
+
+    @staticmethod
+    def rehearse(pieces: list[Piece]) -> int:
+        """Serialise every piece as `write` would, into nowhere; the bytes it would write."""
+        size = 0
+        for piece in pieces:
+            out = pa.MockOutputStream()
+            files.ipc_into(out, piece.table) if piece.ipc else pq.write_table(piece.table, out)
+            size += out.size()
+        return size
 
 
 def _stage_layers(captured: dict) -> range:

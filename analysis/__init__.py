@@ -4,8 +4,9 @@
 
 reads the run's captured block inputs (analysis.scan), forms per-dim statistics and applies
 the criteria (analysis.criteria), and writes the summary, the feature table and report.md
-(analysis.report), then the plots and report.html (analysis.html). With Ray initialised,
-the (layer, site) partitions are scanned by Ray actors.
+(analysis.report), then the plots and report.html (analysis.html). With Ray initialised and
+a run large enough to repay their start, the (layer, site) partitions are scanned by Ray
+actors (analysis.pool); smaller runs are scanned in this process.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ the extraction wall time a stage spent not computing, averaged over stages.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import statistics
@@ -79,8 +80,9 @@ def read_floor(run_dir: Path) -> float:
 
     paths = tables(run_dir)
     for path in paths:
-        # NOTE: read, not memory-mapped: a mapping would defer the reading to whoever touches it.
-        pl.read_ipc(path, memory_map=False) if path.suffix == ".arrow" else pl.read_parquet(path)
+        # NOTE: the bytes read first, not memory-mapped: a mapping would defer the reading to
+        # whoever touches it.
+        pl.read_ipc(io.BytesIO(path.read_bytes())) if path.suffix == ".arrow" else pl.read_parquet(path)
     return len(paths)
 
 
