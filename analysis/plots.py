@@ -16,6 +16,16 @@ from matplotlib.figure import Figure
 DPI = 110
 
 
+def _log_lines(axes, xlabel: str, ylabel: str, title: str, legend: dict | None = None) -> bytes:
+    """Finish a plot of lines over layers on a log scale: labels, title, legend; its PNG."""
+    axes.set_yscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(**(legend or {}))
+    return _png(axes.figure)
+
+
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
@@ -67,12 +77,7 @@ def massive(profile: pl.DataFrame) -> bytes:
         axes.plot(layers, profile[name].to_numpy(), style, label=name.replace("top", "top-"))
     if profile["median_abs"].null_count() < profile.height:
         axes.plot(layers, profile["median_abs"].to_numpy(), "--", color="gray", label="median")
-    axes.set_yscale("log")
-    axes.set_xlabel("layer")
-    axes.set_ylabel("|x|")
-    axes.set_title("massive activations: largest vs median magnitude")
-    axes.legend()
-    return _png(figure)
+    return _log_lines(axes, "layer", "|x|", "massive activations: largest vs median magnitude")
 
 
 def compare(profiles: dict[str, pl.DataFrame]) -> bytes:
@@ -84,12 +89,8 @@ def compare(profiles: dict[str, pl.DataFrame]) -> bytes:
         axes.plot(depth, profile["top1"].to_numpy(), "-o", color=color, label=f"{name} max", markersize=3)
         if profile["median_abs"].null_count() < profile.height:
             axes.plot(depth, profile["median_abs"].to_numpy(), "--", color=color, label=f"{name} median")
-    axes.set_yscale("log")
-    axes.set_xlabel("relative depth (layer / (L - 1))")
-    axes.set_ylabel("|x|")
-    axes.set_title("max and median |x| per layer across runs")
-    axes.legend(fontsize="small")
-    return _png(figure)
+    return _log_lines(axes, "relative depth (layer / (L - 1))", "|x|", "max and median |x| per layer across runs",
+                      {"fontsize": "small"})
 
 
 def _colors(count: int) -> list:
@@ -127,9 +128,5 @@ def massive_depth(medians: list, massive: list[dict]) -> bytes:
     axes.plot(layers, [np.nan if m is None else m for m in medians], "--", color="gray", label="median |x|")
     for (entry, color) in zip(massive[:8], _colors(len(massive[:8]))):
         axes.plot(entry["layers"], entry["layer_max"], "-o", color=color, markersize=3, label=f"dim {entry['dim']}")
-    axes.set_yscale("log")
-    axes.set_xlabel("layer")
-    axes.set_ylabel("|x| in the residual stream")
-    axes.set_title("massive activations over depth")
-    axes.legend(fontsize="small")
-    return _png(figure)
+    return _log_lines(axes, "layer", "|x| in the residual stream", "massive activations over depth",
+                      {"fontsize": "small"})
