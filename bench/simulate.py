@@ -162,11 +162,13 @@ def run_case(case: Case, warm: int = 2) -> dict:
     """Start the stages, drive `warm` micro-batches, then time M of them; the stages' figures."""
     import ray
 
-    from cluster.pipeline import drive
+    from cluster.pipeline import CALLS_AT_ONCE, Serial, drive
 
     gpus = 1 / case.stages if case.device == "cuda" else 0
     cpus = min(1.0, len(os.sched_getaffinity(0)) / (case.stages + 1))
-    remote = ray.remote(SimStage).options(num_cpus=cpus, num_gpus=gpus)
+    # NOTE: the stages' Ray options as `cluster.pipeline.start_stages` gives them.
+    remote = ray.remote(type("SimRayStage", (Serial, SimStage), {})).options(
+        num_cpus=cpus, num_gpus=gpus, max_concurrency=CALLS_AT_ONCE)
     stages = [remote.remote(spec, case) for spec in stage_specs(case)]
     try:
         ray.get([s.info.remote() for s in stages])

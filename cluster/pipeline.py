@@ -1,14 +1,17 @@
 """Ray wiring of the pipeline: stage actors in their bundles, micro-batches flowing through.
 
-Ray runs an actor's calls one at a time in submission order, so submitting
+A stage computes one micro-batch at a time, in submission order, so submitting
 micro-batch m to stage 0 while m-1 is still in stage 1 keeps both busy: the
 pipeline is the chain of ObjectRefs built in `drive`. At most `in_flight`
 micro-batches are in the pipeline at once, which bounds memory in every stage.
+A stage takes two calls at once (`Serial`): Ray fetches the next micro-batch's state
+and stores the last one's while the stage computes, not between its computes.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -59,7 +62,25 @@ class PipelineConfig:
         return self.max_in_flight or self.num_stages + 1
 
 
-class RayStage(StageActor):
+CALLS_AT_ONCE = 2
+"""A stage actor's `max_concurrency`: one call computes while the next one's arguments are
+fetched and the last one's result is stored (8-32 MiB each way at GPU shapes)."""
+
+
+class Serial:
+    """Mixin for a stage actor that Ray runs with CALLS_AT_ONCE threads: `forward` still runs
+    one call at a time. With two threads at most one call waits, so the order holds."""
+
+    def __init__(self, *args, **kwargs):
+        self.computing = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def forward(self, batch: MicroBatch):
+        with self.computing:
+            return super().forward(batch)
+
+
+class RayStage(Serial, StageActor):
     """A stage as a Ray actor: its worker's log records carry the stage's name."""
 
     def __init__(self, spec: StageSpec):
@@ -80,6 +101,7 @@ def start_stages(specs: list[StageSpec], group, bundles: list[dict], max_restart
             # re-runs the micro-batches it lost, so Ray must not replay calls by itself.
             max_restarts=max_restarts,
             max_task_retries=0,
+            max_concurrency=CALLS_AT_ONCE,
             num_cpus=bundle.get("CPU", 0),
             num_gpus=bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(
