@@ -16,7 +16,7 @@ from analysis.scan import Scanner, check_complete, list_partitions
 from common.errors import ConfigError, RunError
 from common.layout import RunLayout
 from common.record import read_record, write_record
-from common.threshold import float32_bar
+from common.threshold import exceeding, float32_bar
 from tests.synthetic import SITES, full_mask, plant, random_activations, scan_tables, write_run
 
 PARTITIONS = [(layer, site) for layer in range(4) for site in SITES]
@@ -87,6 +87,37 @@ def test_threshold_is_inclusive_and_exact_against_float32_values(tmp_path, stora
         assert found.exceedances["dim"].to_list() == [1, 2]
         assert found.stats["count"].to_list() == [0, 1, 1]
     assert float(float32_bar(5.99)) >= 5.99 > float(np.nextafter(float32_bar(5.99), np.float32(0)))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("threshold", [0.0, 1e-6, 5.99, 6.0, 6.0039, 65504.0, 65505.0, 1e39])
+def test_exceeding_on_bit_patterns_equals_float_arithmetic(dtype, threshold):
+    rng = np.random.default_rng(7)
+    special = np.array([0.0, -0.0, 5.99, -6.0, 6.0, 6.00390625, 65504.0, -np.inf, np.inf, np.nan,
+                        1e-7, -6e-8, 3e38], dtype=np.float64)
+    with np.errstate(over="ignore"):
+        act = np.concatenate([rng.standard_normal((40, 6)) * 4, rng.choice(special, (20, 6))]).astype(dtype)
+    act[:, 4] = np.clip(rng.standard_normal(60) * 4, -6.0, 6.0)  # its max sits on a threshold
+    act[:, 5] = rng.standard_normal(60) * 4  # a dim with no NaN and no inf
+    wide = np.abs(act.astype(np.float64))
+    with np.errstate(invalid="ignore"):
+        expected_rows, expected_dims = np.nonzero(wide >= threshold)  # NaN is never >=
+    peak, rows, dims = exceeding(act, threshold)
+    assert rows.tolist() == expected_rows.tolist() and dims.tolist() == expected_dims.tolist()
+    assert peak.dtype == np.float32
+    np.testing.assert_array_equal(peak, wide.max(axis=0).astype(np.float32))  # NaN where a dim holds one
+    empty = exceeding(act[:0], threshold)
+    assert empty[0].tolist() == [0.0] * 6 and len(empty[1]) == len(empty[2]) == 0
+
+
+def test_arrow_values_read_as_numpy_keep_slices_and_nulls():
+    from analysis.scan import _numpy
+
+    for values in (np.arange(10, dtype=np.float16), np.arange(10, dtype=np.int64)):
+        assert _numpy(pa.array(values).slice(3, 5)).tolist() == values[3:8].tolist()
+    lists = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(12, dtype=np.float32)), 3).slice(1, 2)
+    assert _numpy(lists.flatten()).tolist() == list(range(3, 9))
+    assert np.isnan(_numpy(pa.array([1.0, None]))).tolist() == [False, True]
 
 
 @pytest.mark.parametrize("threshold", [3.0, 4.5, 6.0, 9.0])
