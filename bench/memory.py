@@ -10,6 +10,8 @@ The bound we state:  peak <= weights + in_flight + FIXED_OVERHEAD, where
               written, being captured) + 2 hidden-state tensors (in and out),
   overhead  = the process after importing torch, transformers and our modules (measured)
               + FIXED_SLACK for allocator caches and the from_pretrained load path.
+Through Ray a stage also holds the next micro-batch's incoming state while it computes
+(`cluster.pipeline.Serial`): one more hidden-state tensor, not measured here.
 """
 
 from __future__ import annotations
