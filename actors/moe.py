@@ -6,15 +6,21 @@ computed it, and every expert's weights in one module. `MoeProbe` watches that c
 
 - routing: the top-k of every token (`top_k_index`, `top_k_weights` # [tokens, k]);
 - experts: the output of each routed (token, expert) pair before its routing weight,
-  got by calling the same module again with one expert per row and a weight of 1 (the
-  same pairs, so the same per-expert groups: bit for bit what the block computed), and
-  of each shared expert (expert -1, a plain MLP beside the routed ones). It is reduced
-  on the device to per-expert counts and maxima; no per-token output leaves it.
+  got by calling the module's own forward with one expert per row and a weight of 1 (the
+  same pairs, so the same per-expert groups: bit for bit what the fused kernel computes
+  inside), and of each shared expert (expert -1, a plain MLP beside the routed ones). It is
+  reduced on the device to per-expert counts and maxima; no per-token output leaves it.
 
-The model's own forward is never changed: the second call only reads.
+The block's output is then made from those pair outputs as the fused kernels make it
+(`combine`), so the experts run once. The first call of each layer proves that: it also
+runs the module's own call and compares the two bit for bit; a layer whose module combines
+otherwise (an eager loop accumulating in bf16, say) keeps its own call from then on, and
+pays for the experts twice.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -24,6 +30,8 @@ from common.errors import ModelError
 
 SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 SHARED = -1  # the expert id of a shared expert
+
+log = logging.getLogger(__name__)
 
 
 def moe_blocks(layers: dict[int, nn.Module], family: Family) -> dict[int, tuple[nn.Module, list[nn.Module]]]:
@@ -54,50 +62,54 @@ class MoeProbe:
         self.routing, self.experts, self.floor = routing, experts, floor
         self.keep: torch.Tensor | None = None  # [batch, seq] the real tokens of the current micro-batch
         self.taken: dict = {}
-        self._inside = False
+        self.exact: dict[int, bool] = {}  # layer: its module's output is `combine` of the pairs'
         self._handles = []
+        self._wrapped: list[nn.Module] = []
         for index, (module, shared) in blocks.items():
-            size = num_experts(module)
-            self._handles.append(module.register_forward_hook(self._routed(index, size), with_kwargs=True))
+            if routing:
+                self._handles.append(module.register_forward_hook(self._routing(index), with_kwargs=True))
             if experts:
+                module.forward = self._experts(index, module.forward, num_experts(module))
+                self._wrapped.append(module)
                 self._handles += [m.register_forward_hook(self._shared(index)) for m in shared]
 
-    def _routed(self, layer: int, size: int):
+    def _routing(self, layer: int):
         def hook(module, args, kwargs, _output):
-            if self._inside:
-                return
-            hidden, index, weights = _routing_call(args, kwargs)
-            taken = self.taken.setdefault(layer, {})
-            if self.routing:
-                taken["routing"] = (index.detach(), weights.detach())
-            if self.experts:
-                taken["experts"] = self._reduce(self._per_pair(module, hidden, index), index.reshape(-1), size,
-                                                index.shape[-1])
+            _, index, weights = _routing_call(args, kwargs)
+            self.taken.setdefault(layer, {})["routing"] = (index.detach(), weights.detach())
 
         return hook
 
+    def _experts(self, layer: int, own, size: int):
+        """The experts module's forward, its pairs' outputs reduced on the way (module docstring)."""
+
+        def forward(*args, **kwargs):
+            hidden, index, weights = _routing_call(args, kwargs)
+            pairs = per_pair(own, hidden, index)  # [tokens * k, hidden]
+            self.taken.setdefault(layer, {})["experts"] = self._reduce(pairs, index.reshape(-1), size,
+                                                                       index.shape[-1])
+            if self.exact.get(layer) is False:
+                return own(*args, **kwargs)
+            out = combine(pairs, weights, hidden)
+            if layer not in self.exact:
+                expected = own(*args, **kwargs)
+                self.exact[layer] = (out.dtype == expected.dtype and out.shape == expected.shape
+                                     and torch.equal(out, expected))
+                if not self.exact[layer]:
+                    log.info("layer %d: its experts combine their outputs otherwise; computing them twice", layer)
+                    return expected
+            return out
+
+        return forward
+
     def _shared(self, layer: int):
         def hook(_module, _args, output):
-            if self._inside:
-                return
             out = output[0] if isinstance(output, tuple) else output
             out = out.reshape(-1, out.shape[-1])  # [tokens, hidden]
             ids = torch.zeros(len(out), dtype=torch.long, device=out.device)
             self.taken.setdefault(layer, {})["shared"] = self._reduce(out, ids, 1, 1)
 
         return hook
-
-    def _per_pair(self, module: nn.Module, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Each routed (token, expert) pair's output before its weight # [tokens * k, hidden]."""
-        k = index.shape[-1]
-        rows = hidden.reshape(-1, hidden.shape[-1]).repeat_interleave(k, dim=0)  # [tokens * k, hidden]
-        one = index.reshape(-1, 1)
-        self._inside = True
-        try:
-            out = module(rows, one, torch.ones(one.shape, dtype=hidden.dtype, device=hidden.device))
-        finally:
-            self._inside = False
-        return out.reshape(len(rows), -1)
 
     def _reduce(self, out: torch.Tensor, expert: torch.Tensor, size: int, k: int) -> dict:
         """Per-expert statistics of outputs # [pairs, hidden] of `expert` # [pairs], real tokens only."""
@@ -133,6 +145,27 @@ class MoeProbe:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        for module in self._wrapped:
+            del module.forward  # the class's own forward again
+        self._handles, self._wrapped = [], []
+
+
+def per_pair(forward, hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Each routed (token, expert) pair's output before its weight # [tokens * k, hidden], from
+    the experts' `forward` called with one expert per row and a weight of 1."""
+    k = index.shape[-1]
+    rows = hidden.reshape(-1, hidden.shape[-1]).repeat_interleave(k, dim=0)  # [tokens * k, hidden]
+    one = index.reshape(-1, 1)
+    out = forward(rows, one, torch.ones(one.shape, dtype=hidden.dtype, device=hidden.device))
+    return out.reshape(len(rows), -1)
+
+
+def combine(pairs: torch.Tensor, weights: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The experts' output # [tokens, hidden] from the pairs' outputs, as transformers' batched_mm
+    and grouped_mm kernels make it: weighted, summed over k in the product's dtype, cast back."""
+    tokens, k = hidden.reshape(-1, hidden.shape[-1]).shape[0], weights.shape[-1]
+    weighted = pairs * weights.reshape(-1).unsqueeze(-1)  # [tokens * k, hidden]
+    return weighted.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
 
 def _routing_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -222,3 +222,52 @@ def test_routing_captures_are_refused_in_one_line_where_they_cannot_work(model_c
     with pytest.raises(ModelError, match=message):
         anatomy(path, load_config(path), capture=CaptureConfig(routing=True))
     anatomy(path, load_config(path), capture=CaptureConfig(residual=True))  # the residual stream is any model's
+
+
+class LoopExperts(torch.nn.Module):
+    """Experts that accumulate their weighted outputs one expert at a time in bf16, as an eager
+    loop does: not what `combine` computes, so the probe must keep this module's own call."""
+
+    num_experts = 4
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(self.num_experts, hidden, hidden, generator=torch.Generator()
+                                                     .manual_seed(0)).to(torch.bfloat16))
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for expert in range(self.num_experts):
+            token, slot = (top_k_index == expert).nonzero(as_tuple=True)
+            out.index_add_(0, token, (hidden_states[token] @ self.weight[expert]) * top_k_weights[token, slot, None])
+        return out
+
+
+class FusedExperts(LoopExperts):
+    """The same experts, combined as the fused kernels do."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        from actors.moe import combine, per_pair
+
+        return combine(per_pair(super().forward, hidden_states, top_k_index), top_k_weights, hidden_states)
+
+
+@pytest.mark.parametrize("combines", [True, False])
+@torch.no_grad()
+def test_experts_run_once_only_where_combining_their_pairs_is_exact(combines):
+    from actors.moe import MoeProbe
+
+    module = FusedExperts() if combines else LoopExperts()
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(64, 16, generator=gen).to(torch.bfloat16)  # [tokens, hidden]
+    index = torch.stack([torch.randperm(4, generator=gen)[:3] for _ in range(64)])  # [tokens, k=3]
+    weights = torch.rand(64, 3, generator=gen).to(torch.bfloat16)
+    expected = module(hidden, index, weights)
+    probe = MoeProbe({0: (module, [])}, routing=False, experts=True, floor=1.0)
+    probe.keep = torch.ones(1, 64, dtype=torch.bool)
+    for _ in range(2):
+        assert torch.equal(module(hidden, index, weights), expected)
+        assert probe.pop()[0]["experts"]["tokens"].sum() == 64 * 3
+    assert probe.exact == {0: combines}
+    probe.remove()
+    assert torch.equal(module(hidden, index, weights), expected)
