@@ -28,7 +28,8 @@ from actors.layers import HandoffError, LayerSlice, inner_model, same_state
 from actors.metrics import StageMetrics
 from actors.shard import ShardSpec, load_shard
 from actors.batch import MicroBatch
-from actors.writer import BackgroundWriter, make_writer
+from actors.background import BackgroundWriter
+from actors.writer import make_writer
 
 log = logging.getLogger(__name__)
 
