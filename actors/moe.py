@@ -60,7 +60,7 @@ class MoeProbe:
     def __init__(self, blocks: dict[int, tuple[nn.Module, list[nn.Module]]], routing: bool, experts: bool,
                  floor: float):
         self.routing, self.experts, self.floor = routing, experts, floor
-        self.keep: torch.Tensor | None = None  # [batch, seq] the real tokens of the current micro-batch
+        self.keep: torch.Tensor | None = None  # [batch, seq] the real tokens; None: all are
         self.taken: dict = {}
         self.exact: dict[int, bool] = {}  # layer: its module's output is `combine` of the pairs'
         self._handles = []
@@ -114,9 +114,12 @@ class MoeProbe:
     def _reduce(self, out: torch.Tensor, expert: torch.Tensor, size: int, k: int) -> dict:
         """Per-expert statistics of outputs # [pairs, hidden] of `expert` # [pairs], real tokens only."""
         device = out.device
-        real = self.keep.reshape(-1).to(device).repeat_interleave(k)  # [pairs]
-        magnitude = out.float().abs()[real]  # [rows, hidden]
-        expert, token = expert[real], real.nonzero().squeeze(1) // k
+        magnitude = out.abs().float()  # [pairs, hidden]; abs only clears the sign bit: exact
+        if self.keep is None:  # no padding: every pair is real, nothing to gather
+            token = torch.arange(len(out), device=device) // k
+        else:
+            real = self.keep.reshape(-1).to(device).repeat_interleave(k)  # [pairs]
+            magnitude, expert, token = magnitude[real], expert[real], real.nonzero().squeeze(1) // k
         rows = len(magnitude)
         stats = {
             "tokens": torch.bincount(expert, minlength=size),

@@ -179,7 +179,8 @@ class StageActor:
         incoming = None if batch.hidden is None else tuple(
             None if t is None else t.to(self.device) for t in batch.hidden)
         if self.moe:
-            self.moe.keep = mask.bool()
+            # NOTE: asked of the host's mask, so a GPU stage never waits on the device for it.
+            self.moe.keep = None if bool(batch.attention_mask.all()) else mask.bool()
         try:
             onward = self.slice.run(ids, mask, incoming)
         except BaseException:

@@ -271,3 +271,32 @@ def test_experts_run_once_only_where_combining_their_pairs_is_exact(combines):
     assert probe.exact == {0: combines}
     probe.remove()
     assert torch.equal(module(hidden, index, weights), expected)
+
+
+@torch.no_grad()
+def test_expert_statistics_skip_the_mask_only_when_no_token_is_padding():
+    from actors.moe import MoeProbe
+
+    module = FusedExperts()
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(64, 16, generator=gen).to(torch.bfloat16)  # [tokens, hidden]
+    index = torch.stack([torch.randperm(4, generator=gen)[:3] for _ in range(64)])  # [tokens, k=3]
+    weights = torch.rand(64, 3, generator=gen).to(torch.bfloat16)
+    probe = MoeProbe({0: (module, [])}, routing=False, experts=True, floor=1.0)
+
+    def stats(keep):
+        probe.keep = keep
+        module(hidden, index, weights)
+        return probe.pop()[0]["experts"]
+
+    unmasked, masked = stats(None), stats(torch.ones(1, 64, dtype=torch.bool))
+    assert masked.keys() == unmasked.keys()
+    assert all(torch.equal(masked[key], unmasked[key]) for key in masked)
+    # The same pairs with the last 10 tokens as padding: their 30 pairs are dropped, no more.
+    keep = torch.ones(1, 64, dtype=torch.bool)
+    keep[0, 54:] = False
+    padded = stats(keep)
+    assert padded["tokens"].sum() == 54 * 3
+    assert torch.equal(padded["tokens"], torch.bincount(index[:54].reshape(-1), minlength=4))
+    assert (padded["token"] < 54).all() and (unmasked["token"] >= 0).all()
+    probe.remove()
