@@ -107,8 +107,8 @@ def main(argv=None) -> int:
     analysis = {mode: extract.analysis_rows(details[-1][key]["run_dir"], max(3, count))
                 for mode, key in (("dense", "c1"), ("exceedances", "d1"))}
     for r in rounds:
-        r["c1_e2e"] = r["c1"] + r["c1_analysis"]
-        r["d1_e2e"] = r["d1"] + r["d1_analysis"]
+        for key in ("c1", "d1", "c2", "d2"):
+            r[key + "_e2e"] = r[key] + r[key + "_analysis"]
     result["default_job"] = None if args.quick else extract.default_job(root)
     result["simulation"] = None if args.no_simulation else _simulation(args.quick)
     result["load_s"] = statistics.median(d["c1"]["load_s"] for d in details)

@@ -42,6 +42,9 @@ def targets(rounds: list[dict], analysis: dict, memory: dict | None, default_job
         ("extraction, 2 stages (1 CPU each), exceedances / floor (a)", ratio("d2", "a"), "<=", 1.0),
         ("(b) end to end / ours (c1 extract + analysis_s)", ratio("b", "c1_e2e"), ">=", 5.0),
         ("(b) end to end / ours, exceedances (d1 extract + analysis_s)", ratio("b", "d1_e2e"), ">=", 5.0),
+        # NOTE: on the 2-core machine 2 stages of 1 CPU are the faster setup of the two.
+        ("(b) end to end / ours at 2 stages (c2 extract + analysis_s)", ratio("b", "c2_e2e"), ">=", 5.0),
+        ("(b) end to end / ours at 2 stages, exceedances (d2 extract + analysis_s)", ratio("b", "d2_e2e"), ">=", 5.0),
         ("analysis_s of the workload's dense run (s)", med("c1_analysis"), "<=", 1.0),
         ("analysis_s of the workload's exceedance run (s)", med("d1_analysis"), "<=", 1.0),
         ("analysis / table read throughput (dense)", analysis["dense"]["read_s"] / analysis["dense"]["analysis_s"], ">=", 0.5),
@@ -98,7 +101,18 @@ def results_entry(result: dict) -> str:
         "",
         *(["Pipeline simulator (`bench.simulate`), in the same run:", "", simulated(result["simulation"]), ""]
           if result.get("simulation") else []),
+        *([memory_line(result["memory"]), ""] if result.get("memory") else []),
     ])
+
+
+def memory_line(memory: dict) -> str:
+    """The stage memory figures (bench.memory) in MiB, the load peak split by kind of page."""
+    mib = lambda key: f"{memory[key] / 2**20:.0f}"  # noqa: E731
+    return (f"Stage memory (MiB): bound {mib('bound_bytes')} = weights {mib('shard_weight_bytes')} + in flight "
+            f"{mib('in_flight_bytes')} + imports {mib('import_baseline_bytes')} + slack {mib('fixed_slack_bytes')}; "
+            f"peak at load {mib('load_peak_bytes')} (sampled: anonymous {mib('load_anon_peak_bytes')}, "
+            f"file-backed {mib('load_file_peak_bytes')}), after load {mib('after_load_bytes')}, "
+            f"running {mib('run_peak_bytes')}.")
 
 
 def simulated(simulation: dict) -> str:
