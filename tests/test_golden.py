@@ -39,6 +39,28 @@ def test_split_equals_single_forward(tiny_checkpoint, tmp_path, arch, dtype, num
             assert np.array_equal(act, ref), f"layer {layer} {site}: max diff {np.abs(act - ref).max()}"
 
 
+@pytest.mark.parametrize("spoiler", [None, "tiny", "huge", "nan"])
+@pytest.mark.parametrize("where", [0, -1])
+def test_bf16_encoding_in_chunks_decides_as_the_whole_tensor_does(spoiler, where):
+    """Several chunks of the CPU check; one value float16 cannot hold, in the first or the
+    last chunk, makes the whole tensor float32, and the values are kept either way."""
+    import torch
+
+    from actors.writer import CHUNK, encode
+
+    gen = torch.Generator().manual_seed(3)
+    acts = (torch.rand(3 * CHUNK // 256 + 1, 256, generator=gen) * 200 - 100).to(torch.bfloat16)
+    acts[acts.abs() < 2.0**-14] = 1.0  # every value a normal float16 one
+    if spoiler:
+        acts.view(-1)[where] = {"tiny": 2.0**-22 * (1 + 2.0**-7), "huge": 70000.0, "nan": float("nan")}[spoiler]
+    values, kind = encode(acts)
+    wide = acts.float()
+    assert kind == ("float16" if torch.equal(wide.half().float(), wide) else "float32")
+    assert kind == ("float32" if spoiler else "float16")
+    assert values.shape == tuple(acts.shape)
+    assert np.array_equal(values.astype(np.float32), wide.numpy(), equal_nan=True)
+
+
 def test_bf16_encoding_is_float16_when_exact_else_float32(tiny_checkpoint, tmp_path):
     import pyarrow as pa
     import torch
