@@ -96,11 +96,11 @@ def _encode_in_chunks(acts: torch.Tensor) -> tuple[np.ndarray, str]:
     narrow = torch.empty(flat.shape, dtype=torch.float16)
     wide, back = torch.empty(min(CHUNK, len(flat))), torch.empty(min(CHUNK, len(flat)))
     for start in range(0, len(flat), CHUNK):
-        part = flat[start:start + CHUNK]
+        part, into = flat[start:start + CHUNK], narrow[start:start + CHUNK]
         there, again = wide[:len(part)], back[:len(part)]
         there.copy_(part)  # exact
-        narrow[start:start + CHUNK].copy_(there)  # rounds
-        again.copy_(narrow[start:start + CHUNK])  # exact
+        into.copy_(there)  # rounds
+        again.copy_(into)  # exact
         if not np.array_equal(again.numpy(), there.numpy()):  # NaN never equals itself
             return acts.float().numpy(), "float32"
     return narrow.view(acts.shape).numpy(), "float16"
