@@ -28,6 +28,7 @@ import torch
 from actors.batch import MicroBatch
 from actors.capture import RESIDUAL
 from actors.moe import moe_tables
+from actors.select import BlockSelector, select_torch
 from common import files, histogram
 from common.config import choice
 from common.layout import EXCEEDANCES, HISTOGRAMS, STATS, RunLayout
@@ -211,7 +212,7 @@ class ExceedanceWriter(StageTables):
     def __init__(self, output: str, floor: float):
         super().__init__(output)
         self.bar = float(float32_bar(floor))
-        self.scratch: tuple[np.ndarray, np.ndarray] | None = None  # select's float32 buffers
+        self.selector = BlockSelector(self.bar)
 
     def prepare(self, batch: MicroBatch, captured: dict[tuple[int, str], torch.Tensor],
                 moe: list | None = None) -> list[Piece]:
@@ -232,63 +233,10 @@ class ExceedanceWriter(StageTables):
 
     def select(self, sites: list[torch.Tensor]) -> tuple[tuple, dict]:
         """Entries >= floor as (site, token, dim, value), and per-(site, dim) stats of
-        `sites` # sites x [rows, hidden]; every array on the host.
-
-        On the CPU numpy does it, in float32 buffers kept from one micro-batch to the next (4x
-        faster than torch there: its float64 reductions never materialise a float64 copy, its
-        nonzero is one pass, and reused buffers cost no page faults); on a GPU torch does, on
-        the device. Both give the same entries, counts and maxima; the float64 sums agree to
-        rounding (tests/test_exceedances.py).
-        """
+        `sites` # sites x [rows, hidden]; every array on the host (actors.select)."""
         if sites[0].device.type != "cpu":
             return select_torch(torch.stack(sites).float(), self.bar)
-        shape = (len(sites), *sites[0].shape)
-        size = int(np.prod(shape))
-        if self.scratch is None or self.scratch[0].size < size:
-            self.scratch = (np.empty(size, np.float32), np.empty(size, np.float32))
-        values, magnitude = (buffer[:size].reshape(shape) for buffer in self.scratch)
-        for i, site in enumerate(sites):
-            torch.from_numpy(values[i]).copy_(site)  # NOTE: bf16 -> f32 is exact
-        return select_numpy(values, np.float32(self.bar), magnitude)
-
-
-def select_numpy(x: np.ndarray, bar: np.float32, magnitude: np.ndarray | None = None) -> tuple[tuple, dict]:
-    """`ExceedanceWriter.select` of float32 `x` # [sites, rows, hidden] with numpy; |x| goes
-    into `magnitude` when given (a buffer of x's shape)."""
-    sites, rows, hidden = x.shape
-    magnitude = np.abs(x, out=magnitude)
-    flat = np.flatnonzero(magnitude >= bar)  # [kept] indices into x, in row-major order
-    site, rest = np.divmod(flat, rows * hidden)
-    token, dim = np.divmod(rest, hidden)
-    stats = {
-        "count": np.bincount(site * hidden + dim, minlength=sites * hidden).reshape(sites, hidden),
-        "max_abs": (magnitude.max(axis=1) if rows else np.zeros((sites, hidden), np.float32)).astype(np.float64),
-        # NOTE: float64 sums, so sums over thousands of sequences stay exact enough
-        "sum": np.add.reduce(x, axis=1, dtype=np.float64),
-        "sum_sq": np.einsum("srh,srh->sh", x, x, dtype=np.float64),
-    }
-    # NOTE: every kept array is a new one: x and magnitude are reused for the next micro-batch
-    kept = (torch.from_numpy(site), torch.from_numpy(token), torch.from_numpy(dim),
-            torch.from_numpy(x.reshape(-1)[flat]))
-    return kept, stats
-
-
-def select_torch(x: torch.Tensor, bar: float) -> tuple[tuple, dict]:
-    """`ExceedanceWriter.select` of float32 `x` # [sites, rows, hidden] with torch, on its device."""
-    magnitude = x.abs()
-    hit = magnitude >= bar  # [sites, rows, hidden]
-    site, token, dim = hit.nonzero(as_tuple=True)
-    wide = x.double()
-    empty = x.shape[1] == 0
-    stats = {
-        "count": hit.sum(1),  # [sites, hidden]
-        "max_abs": x.new_zeros(x.shape[0], x.shape[2]) if empty else magnitude.amax(1),
-        "sum": wide.sum(1),
-        "sum_sq": wide.square().sum(1),
-    }
-    stats = {k: v.cpu().numpy() for k, v in stats.items()}
-    stats["max_abs"] = stats["max_abs"].astype(np.float64)
-    return (site.cpu(), token.cpu(), dim.cpu(), x[site, token, dim].cpu()), stats
+        return self.selector(sites)
 
 
 def chunks(keys: list, size: int) -> list[list]:

@@ -12,7 +12,8 @@ import polars as pl
 import pytest
 import torch
 
-from actors.writer import ExceedanceWriter, select_numpy, select_torch
+from actors.select import BLOCK, BlockSelector, select_torch
+from actors.writer import ExceedanceWriter
 from analysis import analyse
 from analysis.criteria import Criteria, feature_stats
 from analysis.scan import Scanner, list_partitions, read_frame
@@ -122,19 +123,26 @@ def test_floor_is_compared_as_a_real_number(tmp_path):
     assert stats["count"].tolist() == [[0, 1, 0, 1]]
 
 
-@pytest.mark.parametrize("rows", [0, 1, 37])
+@pytest.mark.parametrize("rows", [0, 1, 37, 2 * BLOCK // 64 + 5])
 def test_numpy_and_torch_selections_agree(rows):
-    # The CPU path (numpy) and the GPU path (torch, here on the CPU) must keep the same entries
-    # in the same order, with the same counts and maxima; float64 sums agree to rounding.
+    # The CPU path (numpy, in blocks of rows; the last case takes three, the last one short) and
+    # the GPU path (torch, here on the CPU) must keep the same entries in the same order, with
+    # the same counts and maxima, NaN included; float64 sums agree to rounding.
     gen = torch.Generator().manual_seed(rows)
     x = (torch.randn(3, rows, 64, generator=gen) * 2).to(torch.bfloat16).float()
     x[..., 5] = 7.0 if rows else x[..., 5]
+    if rows > 1:
+        x[1, rows - 1, 9] = float("nan")
     bar = float32_bar(3.1)
-    kept_np, stats_np = select_numpy(x.numpy(), bar)
+    selector = BlockSelector(bar)
+    kept_np, stats_np = selector(list(x.to(torch.bfloat16)))
     kept_torch, stats_torch = select_torch(x, float(bar))
-    assert all(torch.equal(a, b) for a, b in zip(kept_np, kept_torch))
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(kept_np, kept_torch))
     assert len(kept_np[0]) >= 3 * rows
     for key in ("count", "max_abs"):
-        assert np.array_equal(stats_np[key], stats_torch[key]) and stats_np[key].dtype == stats_torch[key].dtype
+        assert stats_np[key].dtype == stats_torch[key].dtype
+        np.testing.assert_array_equal(stats_np[key], stats_torch[key])
     for key in ("sum", "sum_sq"):
         np.testing.assert_allclose(stats_np[key], stats_torch[key], rtol=1e-12, atol=1e-12)
+    again = selector(list(x.to(torch.bfloat16)))  # the buffers are reused: nothing kept may change
+    assert all(torch.equal(a, b) for a, b in zip(again[0], kept_np))
