@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -193,9 +194,14 @@ def moe_tables(parts: list[tuple[list[int], torch.Tensor, dict]]) -> dict[str, "
     rows = {"routing": [], "experts": [], "expert_dims": []}
     for seqs, keep, taken in parts:
         where, seq_len = torch.as_tensor(seqs, dtype=torch.long), keep.shape[1]
+        real = keep.reshape(-1).cpu()  # [batch * seq]
+        tokens = {}  # k: the columns every layer's routing shares
         for layer, found in sorted(taken.items()):
             if "routing" in found:
-                rows["routing"].append(_routing_rows(layer, *found["routing"], where, keep.reshape(-1).cpu(), seq_len))
+                index, weights = found["routing"]
+                if index.shape[-1] not in tokens:
+                    tokens[index.shape[-1]] = _token_columns(where, real, seq_len, index.shape[-1])
+                rows["routing"].append(_routing_rows(layer, index, weights, real, tokens[index.shape[-1]]))
             for name, first in (("experts", 0), ("shared", SHARED)):
                 if name in found:
                     summary, dims = _expert_rows(layer, found[name], first, where, seq_len)
@@ -204,17 +210,23 @@ def moe_tables(parts: list[tuple[list[int], torch.Tensor, dict]]) -> dict[str, "
     return {kind: pa.concat_tables(tables) for kind, tables in rows.items() if tables}
 
 
-def _routing_rows(layer: int, index: torch.Tensor, weights: torch.Tensor, seqs: torch.Tensor, real: torch.Tensor,
-                  seq_len: int):
+def _token_columns(seqs: torch.Tensor, real: torch.Tensor, seq_len: int, k: int) -> dict:
+    """seq, pos and rank of every real token's k routing rows # [real tokens * k], as Arrow arrays."""
+    import pyarrow as pa
+
+    token = real.nonzero().squeeze(1).repeat_interleave(k)  # [real tokens * k]
+    return {"seq": pa.array(seqs[token // seq_len].numpy()),
+            "pos": pa.array((token % seq_len).int().numpy()),
+            "rank": pa.array(torch.arange(k, dtype=torch.int32).repeat(len(token) // k).numpy())}
+
+
+def _routing_rows(layer: int, index: torch.Tensor, weights: torch.Tensor, real: torch.Tensor, columns: dict):
     import pyarrow as pa
 
     index, weights = index.cpu()[real], weights.float().cpu()[real]  # [real tokens, k]
-    token, rank = torch.meshgrid(real.nonzero().squeeze(1), torch.arange(index.shape[1]), indexing="ij")
     return pa.table({
-        "layer": pa.array([layer] * index.numel(), pa.int32()),
-        "seq": pa.array(seqs[token.reshape(-1) // seq_len].numpy()),
-        "pos": pa.array((token.reshape(-1) % seq_len).int().numpy()),
-        "rank": pa.array(rank.reshape(-1).int().numpy()),
+        "layer": pa.array(np.full(index.numel(), layer, np.int32)),
+        "seq": columns["seq"], "pos": columns["pos"], "rank": columns["rank"],
         "expert": pa.array(index.reshape(-1).int().numpy()),
         "weight": pa.array(weights.reshape(-1).numpy()),
     })
