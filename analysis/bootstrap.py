@@ -33,7 +33,6 @@ def bootstrap(exceedances: pl.DataFrame, sequences: pl.DataFrame, num_layers: in
     `sequences` one row per sequence of the run: seq, tokens (its real tokens).
     """
     seqs = sequences["seq"].to_numpy()
-    where = {int(s): i for i, s in enumerate(seqs)}
     weights = resample_weights(len(seqs), resamples, seed).astype(np.float64)
     drawn_tokens = weights @ sequences["tokens"].to_numpy().astype(np.float64)  # [resamples]
     by_site = criteria.layer_unit == "site"
@@ -41,12 +40,19 @@ def bootstrap(exceedances: pl.DataFrame, sequences: pl.DataFrame, num_layers: in
     site = pl.col("site").replace_strict({name: i for i, name in enumerate(SITES)}, return_dtype=pl.Int64)
     unit = pl.col("layer").cast(pl.Int64) * SITES_PER_LAYER + site if by_site else pl.col("layer").cast(pl.Int64)
     entries = exceedances.filter(pl.col("dim").is_in(dims)).with_columns(unit=unit)
+    # NOTE: one grouping for every dim, then numpy per dim: a Polars call per dim costs
+    # milliseconds whatever its size.
+    pairs = entries.select("dim", "seq", "unit").unique()  # a unit hit in a sequence
+    tokens = entries.group_by("dim", "seq").agg(pl.col("pos").n_unique().alias("n"))  # tokens hit
+    pair_dim, pair_row = pairs["dim"].to_numpy(), _rows(seqs, pairs["seq"].to_numpy())
+    pair_unit = pairs["unit"].to_numpy()
+    token_dim, token_row, token_n = tokens["dim"].to_numpy(), _rows(seqs, tokens["seq"].to_numpy()), tokens["n"].to_numpy()
     tails = ((1 - confidence) / 2, 1 - (1 - confidence) / 2)
     out = {}
     for dim in dims:
-        part = entries.filter(pl.col("dim") == dim)
-        rows = np.array([where[int(s)] for s in part["seq"].unique().sort().to_list()], dtype=np.int64)
-        layer_share, token_share = _shares(part, rows, seqs, weights, units)
+        hit, counted = pair_dim == dim, token_dim == dim
+        layer_share, token_share = _shares(pair_row[hit], pair_unit[hit], token_row[counted], token_n[counted],
+                                           weights, units)
         token_share = token_share / drawn_tokens
         passes = (layer_share >= criteria.min_layer_fraction) & (token_share >= criteria.min_token_fraction) \
             & (token_share > 0)
@@ -58,16 +64,25 @@ def bootstrap(exceedances: pl.DataFrame, sequences: pl.DataFrame, num_layers: in
     return out
 
 
-def _shares(part: pl.DataFrame, rows: np.ndarray, seqs: np.ndarray, weights: np.ndarray, units: int):
-    """(share of units hit # [resamples], tokens hit # [resamples]) of one dim's entries."""
+def _rows(seqs: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """The index in `seqs` of each of `wanted` (every one of which is there)."""
+    order = np.argsort(seqs, kind="stable")
+    at = order[np.searchsorted(seqs, wanted, sorter=order).clip(max=len(seqs) - 1)]
+    if len(wanted) and not np.array_equal(seqs[at], wanted):
+        raise ValueError("exceedances name sequences the run does not have")
+    return at
+
+
+def _shares(pair_rows: np.ndarray, pair_units: np.ndarray, token_rows: np.ndarray, token_counts: np.ndarray,
+            weights: np.ndarray, units: int):
+    """(share of units hit # [resamples], tokens hit # [resamples]) of one dim: the sequence rows
+    and units of its (sequence, unit) hits, and the rows and counts of its exceeding tokens."""
+    rows = np.unique(pair_rows)  # the dim's sequences
     if len(rows) == 0:
         return np.zeros(len(weights)), np.zeros(len(weights))
-    local = {int(seqs[r]): i for i, r in enumerate(rows)}
     hits = np.zeros((len(rows), units))  # [dim's sequences, units]
-    pairs = part.select("seq", "unit").unique()
-    hits[[local[int(s)] for s in pairs["seq"]], pairs["unit"].to_numpy()] = 1
-    tokens = part.group_by("seq").agg(pl.struct("pos").n_unique().alias("n"))
+    hits[np.searchsorted(rows, pair_rows), pair_units] = 1
     exceeding = np.zeros(len(rows))
-    exceeding[[local[int(s)] for s in tokens["seq"]]] = tokens["n"].to_numpy()
+    exceeding[np.searchsorted(rows, token_rows)] = token_counts
     drawn = weights[:, rows]  # [resamples, dim's sequences]
     return ((drawn @ hits) > 0).sum(axis=1) / units, drawn @ exceeding

@@ -114,10 +114,12 @@ def _sequences(ids) -> pl.DataFrame:
     return pl.DataFrame({"seq": range(len(ids)), "tokens": [ids.shape[1]] * len(ids)})
 
 
+@pytest.mark.parametrize("labels", [range(7), [12, 3, 40, 0, 7, 5, 9]], ids=["in-order", "scrambled"])
 @pytest.mark.parametrize("layer_unit", ["layer", "site"])
-def test_bootstrap_equals_resampling_by_hand(layer_unit):
+def test_bootstrap_equals_resampling_by_hand(layer_unit, labels):
     # Sparse planted dims over 7 sequences of different lengths; one resample at a time, the
-    # resampled sequences renamed and run through the criteria's own feature_stats.
+    # resampled sequences renamed and run through the criteria's own feature_stats. The run's
+    # sequence ids need be neither contiguous nor in order: the i-th listed is the i-th drawn.
     rng = np.random.default_rng(4)
     acts = random_activations(rng, 4, num_seqs=7, seq_len=6, hidden=8, spike_density=0.01)
     plant(acts, 3, layers=[0, 1, 2], token_share=0.3, value=9.0, rng=rng)
@@ -125,8 +127,10 @@ def test_bootstrap_equals_resampling_by_hand(layer_unit):
     mask = full_mask(acts)
     mask[2, 4:] = mask[6, 1:] = False
     exceedances, _ = scan_tables(acts, mask, 6.0)
+    labels = list(labels)
+    exceedances = exceedances.with_columns(seq=pl.col("seq").replace_strict(dict(enumerate(labels))))
     criteria = Criteria(layer_unit=layer_unit, min_layer_fraction=0.5, min_token_fraction=0.1)
-    sequences = pl.DataFrame({"seq": range(7), "tokens": mask.sum(axis=1).tolist()})
+    sequences = pl.DataFrame({"seq": labels, "tokens": mask.sum(axis=1).tolist()})
     dims = sorted(exceedances["dim"].unique().to_list())
     fast = bootstrap(exceedances, sequences, 4, criteria, dims, resamples=200, seed=3)
     weights = resample_weights(7, 200, 3)
@@ -134,7 +138,7 @@ def test_bootstrap_equals_resampling_by_hand(layer_unit):
     passed = {dim: 0 for dim in dims}
     for counts in weights:
         drawn = [s for s in range(7) for _ in range(counts[s])]
-        renamed = pl.concat([exceedances.filter(pl.col("seq") == s).with_columns(seq=pl.lit(i, pl.Int64))
+        renamed = pl.concat([exceedances.filter(pl.col("seq") == labels[s]).with_columns(seq=pl.lit(i, pl.Int64))
                              for i, s in enumerate(drawn)])
         tokens = int(sum(mask[s].sum() for s in drawn))
         empty = pl.DataFrame(schema={"layer": pl.Int32, "site": pl.String, "dim": pl.Int32, "max_abs": pl.Float64})
