@@ -12,8 +12,9 @@ every entry, per (layer, site, dim):
 Padding positions are never written. Encoding of `act` is lossless:
 float32 models store float32. bfloat16 models store float16 when every value of the
 file survives bf16 -> fp16 -> bf16 unchanged (true for 2^-14 <= |x| <= 65504 and zero),
+or all but a few below 2^-14, whose exact values the file's `patch` holds (common.patch);
 otherwise float32 for that file (every bf16 value is exact in float32). Readers cast
-to float32; the encoding is also in the file's schema metadata.
+to float32 and apply the patch; the encoding is also in the file's schema metadata.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from actors.capture import RESIDUAL
 from actors.moe import moe_tables
 from actors.select import BlockSelector, select_torch
 from common import files, histogram
+from common.patch import KEY as PATCH, pack, patchable
 from common.config import choice
 from common.layout import EXCEEDANCES, HISTOGRAMS, STATS, RunLayout
 from common.threshold import float32_bar
@@ -57,54 +59,75 @@ def valid_rows(acts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return acts[keep.to(acts.device)]
 
 
-def encode(acts: torch.Tensor) -> tuple[np.ndarray, str]:
-    """Lossless numpy values for `acts` # [rows, hidden], and the encoding's name.
+def encode(acts: torch.Tensor) -> tuple[np.ndarray, str, bytes | None]:
+    """Numpy values for `acts` # [rows, hidden], the encoding's name, and the patch that makes
+    them exact, if any (common.patch).
 
-    For bfloat16, float16 is used when it holds every value exactly, float32 otherwise. The
-    check goes through float32, where both conversions are single instructions (bf16 -> f32 is
-    exact, f32 -> f16 rounds): 5x faster on the CPU than a bf16 <-> f16 round trip, and the
-    same answer, since bf16 values that f16 rounds never round back to themselves.
+    For bfloat16, float16 is used when it holds every value exactly, or all but a few tiny ones
+    (which the patch holds), float32 otherwise. The check goes through float32, where both
+    conversions are single instructions (bf16 -> f32 is exact, f32 -> f16 rounds): 5x faster
+    on the CPU than a bf16 <-> f16 round trip, and the same answer, since bf16 values that f16
+    rounds never round back to themselves.
     """
     if acts.dtype != torch.bfloat16:
-        return acts.cpu().numpy(), str(acts.dtype).removeprefix("torch.")
+        return acts.cpu().numpy(), str(acts.dtype).removeprefix("torch."), None
     if acts.device.type == "cpu" and acts.numel() > CHUNK:
         return _encode_in_chunks(acts)
     wide = acts.float()  # exact
     narrow = wide.to(torch.float16)
-    if exact(narrow, wide):
-        return narrow.cpu().numpy(), "float16"
-    return wide.cpu().numpy(), "float32"
+    where = rounded(narrow, wide)
+    if len(where) == 0:
+        return narrow.cpu().numpy(), "float16", None
+    exact = wide.reshape(-1)[torch.from_numpy(where).to(wide.device)].cpu().numpy()
+    if patchable(exact, wide.numel()):
+        return narrow.cpu().numpy(), "float16", pack(where, exact)
+    return wide.cpu().numpy(), "float32", None
 
 
-def exact(narrow: torch.Tensor, wide: torch.Tensor) -> bool:
-    """Whether float16 `narrow` equals float32 `wide` everywhere (NaN never does)."""
-    if wide.device.type == "cpu":  # NOTE: numpy's comparison is 3x torch.equal's speed here
-        return bool(np.array_equal(narrow.float().numpy(), wide.numpy()))
-    return torch.equal(narrow.float(), wide)
+def rounded(narrow: torch.Tensor, wide: torch.Tensor) -> np.ndarray:
+    """The flat indices where float16 `narrow` differs from float32 `wide` (NaN always does)."""
+    if wide.device.type != "cpu":
+        return rounded_on_device(narrow, wide)
+    # NOTE: numpy's comparison is 3x torch's speed here
+    back, there = narrow.float().numpy().reshape(-1), wide.numpy().reshape(-1)
+    return np.zeros(0, np.int64) if np.array_equal(back, there) else np.flatnonzero(back != there)
+
+
+def rounded_on_device(narrow: torch.Tensor, wide: torch.Tensor) -> np.ndarray:
+    """`rounded` with torch where the tensors live: only the indices cross to the host."""
+    return (narrow.float() != wide).reshape(-1).nonzero().squeeze(1).cpu().numpy()
 
 
 CHUNK = 1 << 17  # values per step of the CPU check: its float32 temporaries stay in the core's cache
 
 
-def _encode_in_chunks(acts: torch.Tensor) -> tuple[np.ndarray, str]:
+def _encode_in_chunks(acts: torch.Tensor) -> tuple[np.ndarray, str, bytes | None]:
     """`encode` of a large CPU tensor, chunk by chunk: each chunk is widened, narrowed into
     the float16 result and widened back in two small buffers, so memory sees the bf16 values
     read once and the float16 ones written once. Whole-tensor float32 temporaries cost 2x at
     [2048, 2048] and 6x at 1M values (they page-fault afresh at every micro-batch); below one
-    chunk the whole-tensor check is the faster. The first chunk float16 cannot hold ends the
-    check: float32 for the whole tensor."""
+    chunk the whole-tensor check is the faster. The first chunk whose rounded values no patch
+    may hold ends the check: float32 for the whole tensor."""
     flat = acts.reshape(-1)
     narrow = torch.empty(flat.shape, dtype=torch.float16)
     wide, back = torch.empty(min(CHUNK, len(flat))), torch.empty(min(CHUNK, len(flat)))
+    where, exact = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     for start in range(0, len(flat), CHUNK):
         part, into = flat[start:start + CHUNK], narrow[start:start + CHUNK]
         there, again = wide[:len(part)], back[:len(part)]
         there.copy_(part)  # exact
         into.copy_(there)  # rounds
         again.copy_(into)  # exact
-        if not np.array_equal(again.numpy(), there.numpy()):  # NaN never equals itself
-            return acts.float().numpy(), "float32"
-    return narrow.view(acts.shape).numpy(), "float16"
+        if np.array_equal(again.numpy(), there.numpy()):  # NaN never equals itself
+            continue
+        found = np.flatnonzero(again.numpy() != there.numpy())
+        where.append(found + start)
+        exact.append(there.numpy()[found])  # a copy: `there` is reused
+        if not patchable(np.concatenate(exact), len(flat)):
+            return acts.float().numpy(), "float32", None
+    if len(where) == 1:
+        return narrow.view(acts.shape).numpy(), "float16", None
+    return narrow.view(acts.shape).numpy(), "float16", pack(np.concatenate(where), np.concatenate(exact))
 
 
 def residual_histogram(captured: dict, keep: torch.Tensor) -> pa.Table | None:
@@ -188,11 +211,11 @@ class ActivationWriter(StageTables):
         pieces = self.side(batch, captured, moe)
         for (layer, site), acts in sorted(captured.items()):
             # NOTE: padding is dropped on the device, so only real tokens cross to the host.
-            values, encoding = encode(valid_rows(acts, keep))  # [rows, hidden]
+            values, encoding, patch = encode(valid_rows(acts, keep))  # [rows, hidden]
             act = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+            metadata = {"encoding": encoding, "model_dtype": str(acts.dtype).removeprefix("torch.")}
             table = pa.table({**columns, "act": act}).replace_schema_metadata(
-                {"encoding": encoding, "model_dtype": str(acts.dtype).removeprefix("torch.")}
-            )
+                metadata if patch is None else {**metadata, PATCH: patch})
             pieces.append(Piece(self.layout.dense(layer, site, batch.index), table, ipc=True))
         return pieces
 

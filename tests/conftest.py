@@ -196,17 +196,16 @@ class FirstReader:
 
 
 def read_site(run_dir, layer: int, site: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(seq, pos, act float32 # [rows, hidden]) of one layer-site, sorted by (seq, pos)."""
-    import polars as pl
-
-    from analysis.scan import read_frame
+    """(seq, pos, act float32 # [rows, hidden]) of one layer-site, sorted by (seq, pos), read as
+    the analysis reads it (float16 files widened, their patches applied)."""
+    from analysis.scan import read_dense
 
     layout = RunLayout.of(str(run_dir))
-    frames = [(frame := read_frame(layout.fs, path)).with_columns(
-        pl.col("act").cast(pl.Array(pl.Float32, frame.schema["act"].size)))
-        for path in layout.partition_files(layer, site)]
-    table = pl.concat(frames).sort("seq", "pos")
-    return table["seq"].to_numpy(), table["pos"].to_numpy(), table["act"].to_numpy()
+    parts = [read_dense(layout.fs, path, ["seq", "pos", "act"]) for path in layout.partition_files(layer, site)]
+    seq, pos = (np.concatenate([part[name] for part in parts]) for name in ("seq", "pos"))
+    act = np.concatenate([part["act"].astype(np.float32) for part in parts])
+    order = np.lexsort((pos, seq))
+    return seq[order], pos[order], act[order]
 
 
 def stored_record(run) -> RunRecord:

@@ -39,39 +39,70 @@ def test_split_equals_single_forward(tiny_checkpoint, tmp_path, arch, dtype, num
             assert np.array_equal(act, ref), f"layer {layer} {site}: max diff {np.abs(act - ref).max()}"
 
 
-@pytest.mark.parametrize("spoiler", [None, "tiny", "huge", "nan"])
+@pytest.mark.parametrize("spoiler", [None, "tiny", "many tiny", "huge", "nan"])
 @pytest.mark.parametrize("where", [0, -1])
-def test_bf16_encoding_in_chunks_decides_as_the_whole_tensor_does(spoiler, where):
-    """Several chunks of the CPU check; one value float16 cannot hold, in the first or the
-    last chunk, makes the whole tensor float32, and the values are kept either way."""
+def test_bf16_encoding_in_chunks_decides_as_the_whole_tensor_does(spoiler, where, monkeypatch):
+    """Several chunks of the CPU check, with a value float16 cannot hold in the first or the
+    last chunk: a tiny one is patched (common.patch); too many tiny ones, a huge one or NaN make
+    the whole tensor float32. The chunks decide as one whole-tensor check does, and the values
+    read back exact."""
     import torch
 
-    from actors.writer import CHUNK, encode
+    from actors import writer
+    from common import patch
 
     gen = torch.Generator().manual_seed(3)
-    acts = (torch.rand(3 * CHUNK // 256 + 1, 256, generator=gen) * 200 - 100).to(torch.bfloat16)
+    acts = (torch.rand(3 * writer.CHUNK // 256 + 1, 256, generator=gen) * 200 - 100).to(torch.bfloat16)
     acts[acts.abs() < 2.0**-14] = 1.0  # every value a normal float16 one
-    if spoiler:
-        acts.view(-1)[where] = {"tiny": 2.0**-22 * (1 + 2.0**-7), "huge": 70000.0, "nan": float("nan")}[spoiler]
-    values, kind = encode(acts)
-    wide = acts.float()
-    assert kind == ("float16" if torch.equal(wide.half().float(), wide) else "float32")
-    assert kind == ("float32" if spoiler else "float16")
+    tiny = 2.0**-22 * (1 + 2.0**-7)  # a bfloat16 value with bits below float16's subnormal step
+    if spoiler == "many tiny":  # spread over every chunk: only all of them together are too many
+        acts.view(-1)[::acts.numel() // (int(acts.numel() * patch.SHARE) + 2)] = tiny
+    elif spoiler:
+        acts.view(-1)[where] = {"tiny": tiny, "huge": 70000.0, "nan": float("nan")}[spoiler]
+    chunked = writer.encode(acts)
+    monkeypatch.setattr(writer, "CHUNK", acts.numel())  # one whole-tensor check
+    whole = writer.encode(acts)
+    assert chunked[1:] == whole[1:] and np.array_equal(chunked[0], whole[0], equal_nan=True)
+    values, kind, packed = chunked
+    assert kind == ("float16" if spoiler in (None, "tiny") else "float32")
+    assert (packed is not None) == (spoiler == "tiny")
     assert values.shape == tuple(acts.shape)
-    assert np.array_equal(values.astype(np.float32), wide.numpy(), equal_nan=True)
+    wide = acts.float().numpy()
+    exact = patch.apply(values, None if packed is None else {patch.KEY: packed})
+    assert np.array_equal(exact.astype(np.float32), wide, equal_nan=True)
+    if packed is not None:  # unpatched, only the tiny entry is off, and by less than 2^-25
+        off = values.astype(np.float32) != wide
+        assert off.sum() == 1 and np.abs(values.astype(np.float32) - wide).max() <= 2.0**-25
 
 
-def test_bf16_encoding_is_float16_when_exact_else_float32(tiny_checkpoint, tmp_path):
+def test_rounded_entries_are_found_alike_on_the_host_and_on_a_device():
+    import torch
+
+    from actors.writer import rounded, rounded_on_device
+
+    wide = torch.tensor([[1.5, 2.0**-22 * (1 + 2.0**-7), float("nan")], [70000.0, 0.0, -3.0]])
+    narrow = wide.to(torch.float16)
+    assert rounded(narrow, wide).tolist() == rounded_on_device(narrow, wide).tolist() == [1, 2, 3]
+    assert rounded(narrow[1:, 1:], wide[1:, 1:]).tolist() == rounded_on_device(narrow[1:, 1:], wide[1:, 1:]).tolist() == []
+
+
+def test_bf16_encoding_is_float16_when_exact_or_patched_else_float32(tiny_checkpoint, tmp_path):
     import pyarrow as pa
     import torch
 
     from actors.writer import encode
+    from common import patch
 
-    values, kind = encode(torch.tensor([[1.5, -2.0**-14, 0.0, 59904.0]], dtype=torch.bfloat16))
-    assert kind == "float16" and values.dtype == np.float16
-    values, kind = encode(torch.tensor([[1.5, 2.0**-20, 70000.0]], dtype=torch.bfloat16))
-    assert kind == "float32"
+    values, kind, packed = encode(torch.tensor([[1.5, -2.0**-14, 0.0, 59904.0]], dtype=torch.bfloat16))
+    assert kind == "float16" and values.dtype == np.float16 and packed is None
+    values, kind, packed = encode(torch.tensor([[1.5, 2.0**-20, 70000.0]], dtype=torch.bfloat16))
+    assert kind == "float32" and packed is None
     assert values.tolist() == torch.tensor([[1.5, 2.0**-20, 70000.0]], dtype=torch.bfloat16).float().tolist()
+    acts = torch.full((4, 512), 1.5, dtype=torch.bfloat16)
+    acts[2, 7] = -2.0**-20 * (1 + 2.0**-7)  # float16 rounds it: the patch holds it
+    values, kind, packed = encode(acts)
+    assert kind == "float16" and patch.unpack(packed)[0].tolist() == [2 * 512 + 7]
+    assert np.array_equal(patch.apply(values, {patch.KEY: packed}), acts.float().numpy())
 
     path = tiny_checkpoint("qwen3_moe")
     ids, mask = token_batch(seed=2, batch=2, seq=8)
@@ -82,9 +113,12 @@ def test_bf16_encoding_is_float16_when_exact_else_float32(tiny_checkpoint, tmp_p
         narrow = values["act"].type.value_type == "halffloat"
         meta = values.schema.metadata
         assert meta[b"model_dtype"] == b"bfloat16" and meta[b"encoding"] == (b"float16" if narrow else b"float32")
-        # float16 exactly when every value of the file survives bf16 -> fp16 (the norm outputs here do)
-        act = torch.from_numpy(np.stack(values["act"].to_numpy(zero_copy_only=False)).astype(np.float32))
-        assert narrow == bool(torch.equal(act.to(torch.bfloat16).to(torch.float16).float(), act))
+        act = np.stack(values["act"].to_numpy(zero_copy_only=False))
+        wide = torch.from_numpy(patch.apply(act, meta).astype(np.float32))
+        rounded = wide[wide.to(torch.float16).float() != wide].numpy()
+        # float16 exactly when every value survives bf16 -> fp16 or the rest fit a patch
+        assert narrow == (len(rounded) == 0 or patch.patchable(rounded, wide.numel()))
+        assert (patch.KEY in meta) == (narrow and len(rounded) > 0)
 
 
 def test_stage_uses_the_expert_kernel_of_from_pretrained(tiny_checkpoint, tmp_path):
