@@ -2,12 +2,12 @@
 
 A bfloat16 layer-site is stored as float16 when float16 holds every value but a few tiny
 ones: below 2^-14 float16 is subnormal and keeps fewer bits than bfloat16, and real
-activations hold some such values in nearly every file (a normal(0, 1) site of 2048 x 2048
-has about 25), which would otherwise make every file float32, twice the bytes. Those entries'
+activations hold some values it rounds in nearly every file (12-20 in a normal(0, 1) site of
+2048 x 2048), which would otherwise make every file float32, twice the bytes. Those entries'
 exact values go into the table's schema metadata under `patch`: base64 of their flat indices
 into [rows * hidden] (int64, little-endian) followed by their values (float32, little-endian).
 
-Applied (`apply`, which every reader of this project uses), the values equal the model's bit
+Applied (`apply`: the analysis and the tests read through it), the values equal the model's bit
 for bit. Ignored, as a plain Arrow reader does, a patched entry is off by at most 2^-25: the
 half-step of float16 below 2^-14.
 """
