@@ -75,6 +75,31 @@ def test_bf16_encoding_in_chunks_decides_as_the_whole_tensor_does(spoiler, where
         assert off.sum() == 1 and np.abs(values.astype(np.float32) - wide).max() <= 2.0**-25
 
 
+def test_a_patched_file_reads_back_bit_for_bit(tmp_path):
+    # A bf16 layer-site with one value float16 rounds: written float16 with a patch, and read
+    # back by the analysis's reader exactly.
+    import pyarrow as pa
+    import torch
+
+    from actors.batch import MicroBatch
+    from actors.writer import ActivationWriter
+    from analysis.scan import read_dense
+    from common import patch
+
+    acts = torch.randn(1, 600, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    acts[acts.abs() < 2.0**-14] = 0.5  # every value a normal float16 one ...
+    acts[0, 5, 3] = 2.0**-22 * (1 + 2.0**-7)  # ... but this one
+    ids = torch.zeros(1, 600, dtype=torch.long)
+    writer = ActivationWriter(str(tmp_path))
+    writer.write(writer.prepare(MicroBatch(0, [0], ids, torch.ones_like(ids)), {(0, "ln_attn"): acts}))
+    layout = RunLayout.of(str(tmp_path))
+    [path] = layout.partition_files(0, "ln_attn")
+    stored = pa.ipc.open_file(path).read_all()
+    assert stored["act"].type.value_type == "halffloat" and patch.KEY in stored.schema.metadata
+    act = read_dense(layout.fs, path, ["act"])["act"]
+    assert act.dtype == np.float32 and np.array_equal(act, acts[0].float().numpy())
+
+
 def test_rounded_entries_are_found_alike_on_the_host_and_on_a_device():
     import torch
 
