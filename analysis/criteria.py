@@ -110,7 +110,7 @@ def feature_stats(
         .agg(
             layers=pl.col("layer").unique().sort(),
             sites=pl.struct("layer", "site").n_unique(),
-            token_hits=pl.struct("seq", "pos").n_unique(),
+            token_hits=_token_key().n_unique(),
             positions=pl.col("pos").n_unique(),
             occurrences=pl.len(),
             exceeding_max=pl.col("value").abs().max(),
@@ -133,6 +133,13 @@ def feature_stats(
         .sort("dim")
         .collect()
     )
+
+
+def _token_key() -> pl.Expr:
+    """(seq, pos) as one int64, a distinct key per token: positions are in [0, 2^31) (int32,
+    never negative), so seq * 2^31 + pos is one-to-one while |seq| < 2^32. Counting distinct
+    int64s takes half the time of distinct structs."""
+    return pl.col("seq").cast(pl.Int64) * (1 << 31) + pl.col("pos").cast(pl.Int64)
 
 
 def _share(count: pl.Expr, total: int) -> pl.Expr:
