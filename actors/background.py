@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 from actors.batch import MicroBatch
 
@@ -24,6 +25,9 @@ class BackgroundWriter:
         self._done: list[int] = []
         self._lock = threading.Lock()
         self._error: BaseException | None = None
+        # Seconds, for the stage's profile: tables prepared (the caller's thread), waiting for
+        # room in the queue (the caller's), writing files (this thread).
+        self.prepare_s = self.wait_s = self.write_s = 0.0
         self._thread = threading.Thread(target=self._run, name="activation-writer", daemon=True)
         self._thread.start()
 
@@ -32,7 +36,9 @@ class BackgroundWriter:
             index, pieces = job
             try:
                 if self._error is None:
+                    start = time.perf_counter()
                     self.writer.write(pieces)
+                    self.write_s += time.perf_counter() - start
                     with self._lock:
                         self._done.append(index)
             except BaseException as err:  # surfaced to the stage by _raise_if_failed
@@ -48,7 +54,12 @@ class BackgroundWriter:
     def submit(self, batch: MicroBatch, captured: dict, moe: list | None = None) -> None:
         """Prepare the micro-batch's tables here (the caller's thread), then queue them."""
         self._raise_if_failed()
-        self._jobs.put((batch.index, self.writer.prepare(batch, captured, moe)))
+        start = time.perf_counter()
+        pieces = self.writer.prepare(batch, captured, moe)
+        prepared = time.perf_counter()
+        self._jobs.put((batch.index, pieces))
+        self.prepare_s += prepared - start
+        self.wait_s += time.perf_counter() - prepared
 
     def depth(self) -> int:
         """Micro-batches waiting for the writer."""

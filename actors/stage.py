@@ -101,8 +101,8 @@ class StageActor:
         """The background writer and the counters; the stage is ready once this returns."""
         self.writer = BackgroundWriter(writer, depth=self.spec.write_depth)
         self.load_s = time.perf_counter() - started
-        self.busy_s = 0.0
-        self.tokens = 0
+        self.busy_s = self.layers_s = 0.0
+        self.tokens = self.micro_batches = 0
         self.metrics = StageMetrics(self.spec.name)
 
     def warm_up(self, tables=None) -> None:
@@ -202,6 +202,7 @@ class StageActor:
         started = time.perf_counter()
         faults.before_batch(self.spec.index, batch.index)
         state, captured, moe = self.run_split(batch)
+        self.layers_s += time.perf_counter() - started
         if self.unchecked:
             self.check_handoff(batch, state, captured)
             self.unchecked = False
@@ -212,6 +213,7 @@ class StageActor:
         tokens, busy_s = int(batch.attention_mask.sum()), time.perf_counter() - started
         self.busy_s += busy_s
         self.tokens += tokens
+        self.micro_batches += 1
         written = self.writer.committed()
         self._observe(tokens, busy_s, written)
         return out, written
@@ -275,7 +277,13 @@ class StageActor:
         }
 
     def stats(self) -> dict:
-        return {"busy_s": self.busy_s, "tokens": self.tokens, "bytes_written": self.writer.writer.bytes_written}
+        """Counters since load. Of `busy_s` (seconds in `forward`): `layers_s` ran the layers,
+        `tables_s` prepared the tables, `writer_wait_s` waited for room in the writer's queue;
+        `write_s` is the writer thread's, beside them."""
+        writer = self.writer
+        return {"busy_s": self.busy_s, "tokens": self.tokens, "micro_batches": self.micro_batches,
+                "bytes_written": writer.writer.bytes_written, "layers_s": self.layers_s,
+                "tables_s": writer.prepare_s, "writer_wait_s": writer.wait_s, "write_s": writer.write_s}
 
 
 def join_states(states: list[tuple | None]) -> tuple | None:

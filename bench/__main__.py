@@ -114,17 +114,26 @@ def main(argv=None) -> int:
     result["load_s"] = statistics.median(d["c1"]["load_s"] for d in details)
     result["memory"] = None if args.no_memory or args.quick else _memory(work)
     result["rows"] = rows(rounds, details, analysis)
+    result["micro_batches"] = work.num_sequences  # micro_batch_size 1
+    result["profiles"] = {key: median_round(rounds, details, key)["profile"] for key, *_ in PIPELINE_ROWS}
     result["targets"] = report.targets(rounds, analysis, result["memory"], result["default_job"],
                                        result["simulation"])
     result["per_round"], result["analysis"] = rounds, analysis
     result["load_average_end"] = os.getloadavg()
     print(report.table(result))
+    print(report.profile_table(result))
     Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     if args.record:
         with open(HERE / "RESULTS.md", "a") as out:
             out.write("\n" + report.results_entry(result))
     extract.cleanup(root, keep=set())
     return 0
+
+
+def median_round(rounds: list[dict], details: list[dict], key: str) -> dict:
+    """The details of row `key` in the round where its time was the median."""
+    order = sorted(range(len(rounds)), key=lambda i: rounds[i][key])
+    return details[order[len(order) // 2]][key]
 
 
 def extract_tokens(work: Workload):

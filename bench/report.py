@@ -99,10 +99,26 @@ def results_entry(result: dict) -> str:
         "",
         table(result),
         "",
+        *([profile_table(result), ""] if result.get("profiles") else []),
         *(["Pipeline simulator (`bench.simulate`), in the same run:", "", simulated(result["simulation"]), ""]
           if result.get("simulation") else []),
         *([memory_line(result["memory"]), ""] if result.get("memory") else []),
     ])
+
+
+def profile_table(result: dict) -> str:
+    """Each pipeline row's stages, in ms per micro-batch (its median run), beside the floor's
+    forward per micro-batch: the profile of the extraction targets."""
+    floor = 1000 * result["rows"]["a"]["seconds"] / result["micro_batches"]
+    lines = [f"Where each stage's time went, ms per micro-batch, in the median run of each row "
+             f"(the floor's forward: {floor:.1f} ms per micro-batch):", "",
+             "| Row | Stage | forward | layers | tables | waiting for the writer | other | files (writer thread) |",
+             "|-----|------:|--------:|-------:|-------:|-----------------------:|------:|----------------------:|"]
+    for key, stages in result["profiles"].items():
+        for index, p in enumerate(stages):
+            lines.append(f"| {key} | {index} | {p['forward']:.1f} | {p['layers']:.1f} | {p['tables']:.1f} | "
+                         f"{p['writer_wait']:.1f} | {p['other']:.1f} | {p['files']:.1f} |")
+    return "\n".join(lines)
 
 
 def memory_line(memory: dict) -> str:

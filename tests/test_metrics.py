@@ -21,7 +21,7 @@ from cluster.config import load_config
 from cluster.progress import Progress, duration
 from cluster.run import execute
 from tests.test_run import run_config
-from tests.conftest import free_port, own_ray
+from tests.conftest import free_port, own_ray, run_stages, token_batch
 
 NAMES = ("tokens_total", "micro_batches_total", "bytes_written_total", "busy_seconds_total",
          "write_queue_depth")
@@ -86,6 +86,19 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@pytest.mark.parametrize("storage", ["dense", "exceedances"])
+def test_stage_stats_split_forward_into_its_parts(tiny_checkpoint, tmp_path, storage):
+    # The bench's per-stage profile: the parts of `forward` are measured apart and fit in it.
+    ids, mask = token_batch(seed=1, batch=6, seq=16, pad_last=3)
+    stages = run_stages(tiny_checkpoint("qwen3_moe"), "float32", tmp_path, ids, mask, num_layers=4,
+                        num_stages=2, micro_batch=2, storage=storage)
+    for stage in stages:
+        stats = stage.stats()
+        assert stats["micro_batches"] == 3 and stats["tokens"] == int(mask.sum())
+        assert all(stats[key] > 0 for key in ("layers_s", "tables_s", "write_s"))
+        assert stats["layers_s"] + stats["tables_s"] + stats["writer_wait_s"] <= stats["busy_s"]
 
 
 def test_progress_prints_rate_and_eta_at_most_every_interval_and_at_the_end():
