@@ -202,6 +202,10 @@ class StageActor:
         started = time.perf_counter()
         faults.before_batch(self.spec.index, batch.index)
         state, captured, moe = self.run_split(batch)
+        if self.device.type == "cuda":
+            # NOTE: so `layers_s` is the layers' time, not their launch: the tables' copy to the
+            # host waits for them right after anyway.
+            torch.cuda.synchronize(self.device)
         self.layers_s += time.perf_counter() - started
         if self.unchecked:
             self.check_handoff(batch, state, captured)

@@ -24,6 +24,10 @@ def test_gpu_bench_runs_small_without_ray_or_polars(tmp_path):
     rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
     dense, sparse = rows["(c) capture, dense"], rows["(d) capture, exceedances >= 3"]
     assert 0 < sparse["bytes"] < dense["bytes"]
+    for row in (dense, sparse):  # the stage's profile: its parts measured apart, within forward
+        parts = row["profile"]
+        assert parts["layers"] > 0 and parts["tables"] > 0 and parts["files"] > 0
+        assert parts["layers"] + parts["tables"] + parts["writer_wait"] <= parts["forward"]
     from common.layout import STATS, RunLayout
 
     assert RunLayout.of(str(tmp_path / "exceedances")).stage_files(STATS)
