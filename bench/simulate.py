@@ -183,12 +183,14 @@ def run_case(case: Case, warm: int = 2) -> dict:
     finally:
         for stage in stages:
             ray.kill(stage)
-    busy = [(a["busy_s"] - b["busy_s"]) / case.micro_batches for a, b in zip(after, before)]
+    per_mb = lambda key: [(a[key] - b[key]) / case.micro_batches for a, b in zip(after, before)]  # noqa: E731
+    busy = per_mb("busy_s")
     return {"case": case.name(), "stages": case.stages, "mode": case.mode, "hidden": case.hidden,
             "seconds": wall, "ideal_s": case.ideal_s, "efficiency": case.ideal_s / wall if case.wait_s else None,
             "driver_cpu_ms": 1000 * cpu / case.micro_batches,
             "cores_busy": machine[0] / machine[1] * len(os.sched_getaffinity(0)) if machine[1] else None,
             "stage_overhead_ms": [round(1000 * (b - case.wait_s), 2) for b in busy],
+            "tables_ms": [round(1000 * t, 2) for t in per_mb("tables_s")],
             "bytes_per_stage": after[0]["bytes_written"] - before[0]["bytes_written"]}
 
 
@@ -283,14 +285,16 @@ def simulate(hiddens=(2048, 4096), stage_counts=(1, 2, 4), modes=MODES, wait_s: 
 
 def table(result: dict) -> str:
     cores = len(os.sched_getaffinity(0))
-    lines = ["| Case | Seconds | Ideal (M+N-1)T | Efficiency | Driver CPU ms/mb | Stage CPU ms/mb beyond T "
-             f"| Cores busy (of {cores}) |",
-             "|------|--------:|---------------:|-----------:|-----------------:|--------------------------|------:|"]
+    lines = ["| Case | Seconds | Ideal (M+N-1)T | Efficiency | Driver CPU ms/mb | Stage forward ms/mb beyond T "
+             f"| of which tables | Cores busy (of {cores}) |",
+             "|------|--------:|---------------:|-----------:|-----------------:|--------------------------|"
+             "-----------------|------:|"]
     for c in result["cases"]:
         eff = "" if c["efficiency"] is None else f"{c['efficiency']:.3f}"
         busy = "" if c.get("cores_busy") is None else f"{c['cores_busy']:.2f}"
         lines.append(f"| {c['case']} | {c['seconds']:.3f} | {c['ideal_s']:.3f} | {eff} | "
-                     f"{c['driver_cpu_ms']:.1f} | {', '.join(f'{x:.1f}' for x in c['stage_overhead_ms'])} | {busy} |")
+                     f"{c['driver_cpu_ms']:.1f} | {', '.join(f'{x:.1f}' for x in c['stage_overhead_ms'])} | "
+                     f"{', '.join(f'{x:.1f}' for x in c['tables_ms'])} | {busy} |")
     lines += ["", "One hand-off (actor call + state transfer, one micro-batch in flight): " + ", ".join(
         f"[1, {result['seq_len']}, {h}] bf16 {ms:.1f} ms" for h, ms in result["handoff_ms"].items())]
     w = result["writer"]

@@ -41,7 +41,8 @@ def test_pipeline_simulator_runs_every_case_through_the_real_driver(ray_cluster,
     assert set(cases) == {(n, mode) for n in (1, 2) for mode in MODES}
     for (stages, mode), case in cases.items():
         assert case["ideal_s"] == (3 + stages - 1) * 0.001 and case["efficiency"] > 0
-        assert len(case["stage_overhead_ms"]) == stages
+        assert len(case["stage_overhead_ms"]) == len(case["tables_ms"]) == stages
+        assert mode == "none" or min(case["tables_ms"]) > 0
     # dense writes every value of 2 sites of [1, 32, 64] per micro-batch: at least 2 bytes each
     dense, sparse = cases[(2, "dense")]["bytes_per_stage"], cases[(2, "exceedances")]["bytes_per_stage"]
     assert dense >= 3 * 2 * 32 * 64 * 2 and 0 < sparse < dense and cases[(2, "none")]["bytes_per_stage"] == 0
