@@ -5,7 +5,10 @@ Exported by every node's metrics agent as (Prometheus names, `ray_` prefixed):
     ray_moe_outliers_tokens_total              tokens run through the stage's layers
     ray_moe_outliers_micro_batches_total       micro-batches whose files the stage has written
     ray_moe_outliers_bytes_written_total       table bytes the stage's writer has written
-    ray_moe_outliers_busy_seconds_total        seconds spent in `forward`
+    ray_moe_outliers_busy_seconds_total        seconds spent in `forward`, of which
+    ray_moe_outliers_layers_seconds_total        running the layers
+    ray_moe_outliers_tables_seconds_total        preparing the tables
+    ray_moe_outliers_write_seconds_total       seconds the writer thread spent writing files
     ray_moe_outliers_write_queue_depth         micro-batches waiting for the writer (gauge)
 
 each tagged `stage="stage-<i> [layers a-b]"`, the actor's name in the dashboard.
@@ -20,30 +23,29 @@ import sys
 PREFIX = "moe_outliers_"
 
 
+TOTALS = ("bytes_written", "busy_seconds", "layers_seconds", "tables_seconds", "write_seconds")
+
+
 class StageMetrics:
-    """Counters of one stage; `observe(stage)` after each forward updates them."""
+    """Counters of one stage; `observe` after each forward updates them."""
 
     def __init__(self, stage: str):
         self.stage = stage
         self.metrics = _make() if _ray_running() else None
-        self._bytes = 0
+        self._totals = dict.fromkeys(TOTALS, 0)
 
-    def observe(self, tokens: int, busy_s: float, written: int, bytes_written: int,
-                queue_depth: int) -> None:
-        """Add one forward's work; `bytes_written` is the writer's running total."""
+    def observe(self, tokens: int, written: int, totals: dict, queue_depth: int) -> None:
+        """Add one forward's tokens and micro-batches written; `totals` holds the stage's running
+        totals of TOTALS, of which the counters add what is new."""
         if self.metrics is None:
             return
         tags = {"stage": self.stage}
-        counters = {
-            "tokens": tokens,
-            "micro_batches": written,
-            "bytes_written": bytes_written - self._bytes,
-            "busy_seconds": busy_s,
-        }
+        counters = {"tokens": tokens, "micro_batches": written,
+                    **{name: totals[name] - self._totals[name] for name in TOTALS}}
         for name, value in counters.items():
             if value > 0:  # Counter.inc rejects non-positive values
                 self.metrics[name].inc(value, tags=tags)
-        self._bytes = bytes_written
+        self._totals = {name: totals[name] for name in TOTALS}
         self.metrics["write_queue_depth"].set(queue_depth, tags=tags)
 
 
@@ -66,6 +68,12 @@ def _make() -> dict:
                                  tag_keys=keys),
         "busy_seconds": Counter(PREFIX + "busy_seconds", "Seconds the stage spent in forward.",
                                 tag_keys=keys),
+        "layers_seconds": Counter(PREFIX + "layers_seconds", "Seconds of forward spent running the layers.",
+                                  tag_keys=keys),
+        "tables_seconds": Counter(PREFIX + "tables_seconds", "Seconds of forward spent preparing tables.",
+                                  tag_keys=keys),
+        "write_seconds": Counter(PREFIX + "write_seconds", "Seconds the stage's writer thread spent writing.",
+                                 tag_keys=keys),
         "write_queue_depth": Gauge(PREFIX + "write_queue_depth",
                                    "Micro-batches waiting for the stage's writer.", tag_keys=keys),
     }

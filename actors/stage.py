@@ -219,7 +219,7 @@ class StageActor:
         self.tokens += tokens
         self.micro_batches += 1
         written = self.writer.committed()
-        self._observe(tokens, busy_s, written)
+        self._observe(tokens, written)
         return out, written
 
     def run_split(self, batch: MicroBatch) -> tuple[tuple | None, dict, list]:
@@ -246,7 +246,7 @@ class StageActor:
     def flush(self) -> list[int]:
         """Block until every submitted micro-batch is written; returns those not yet reported."""
         written = self.writer.flush()
-        self._observe(0, 0.0, written)
+        self._observe(0, written)
         return written
 
     def close(self) -> list[int]:
@@ -260,10 +260,13 @@ class StageActor:
             self.moe.remove()
         return written
 
-    def _observe(self, tokens: int, busy_s: float, written: list[int]) -> None:
+    def _observe(self, tokens: int, written: list[int]) -> None:
         """Dashboard metrics (actors/metrics.py)."""
-        self.metrics.observe(tokens, busy_s, len(written), self.writer.writer.bytes_written,
-                             self.writer.depth())
+        stats = self.stats()
+        totals = {"bytes_written": stats["bytes_written"], "busy_seconds": stats["busy_s"],
+                  "layers_seconds": stats["layers_s"], "tables_seconds": stats["tables_s"],
+                  "write_seconds": stats["write_s"]}
+        self.metrics.observe(tokens, len(written), totals, self.writer.depth())
 
     def info(self) -> dict:
         """Where this stage runs and what it holds, for the stored plan."""

@@ -24,7 +24,7 @@ from tests.test_run import run_config
 from tests.conftest import free_port, own_ray, run_stages, token_batch
 
 NAMES = ("tokens_total", "micro_batches_total", "bytes_written_total", "busy_seconds_total",
-         "write_queue_depth")
+         "layers_seconds_total", "tables_seconds_total", "write_seconds_total", "write_queue_depth")
 SAMPLE = re.compile(r'^ray_moe_outliers_(\w+)\{(.*)\} (\S+)$')
 
 
@@ -70,13 +70,18 @@ def test_stage_metrics_reach_the_prometheus_endpoint(metrics_head, tiny_checkpoi
         assert found["micro_batches_total"][stage] == 2  # micro_batch_size 4
         assert found["bytes_written_total"][stage] == stats["bytes_written"] > 0
         assert found["busy_seconds_total"][stage] > 0
+        assert found["layers_seconds_total"][stage] == pytest.approx(stats["layers_s"], rel=1e-3)
+        assert found["tables_seconds_total"][stage] == pytest.approx(stats["tables_s"], rel=1e-3)
+        assert found["write_seconds_total"][stage] == pytest.approx(stats["write_s"], rel=1e-3)
+        assert found["layers_seconds_total"][stage] + found["tables_seconds_total"][stage] \
+            <= found["busy_seconds_total"][stage]
         assert found["write_queue_depth"][stage] == 0  # the stage's last report: its writer drained
 
 
 def test_stage_metrics_are_a_no_op_without_ray_and_never_import_it():
     # A fresh interpreter: the GPU bench machine runs stages without Ray installed.
     code = ("import sys; from actors.metrics import StageMetrics; m = StageMetrics('stage-0'); "
-            "m.observe(10, 0.1, 1, 100, 0); assert m.metrics is None; assert 'ray' not in sys.modules")
+            "m.observe(10, 1, {}, 0); assert m.metrics is None; assert 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 
