@@ -23,7 +23,9 @@ import sys
 PREFIX = "moe_outliers_"
 
 
-TOTALS = ("bytes_written", "busy_seconds", "layers_seconds", "tables_seconds", "write_seconds")
+# counter: the key of its running total in StageActor.stats
+TOTALS = {"bytes_written": "bytes_written", "busy_seconds": "busy_s", "layers_seconds": "layers_s",
+          "tables_seconds": "tables_s", "write_seconds": "write_s"}
 
 
 class StageMetrics:
@@ -34,18 +36,19 @@ class StageMetrics:
         self.metrics = _make() if _ray_running() else None
         self._totals = dict.fromkeys(TOTALS, 0)
 
-    def observe(self, tokens: int, written: int, totals: dict, queue_depth: int) -> None:
-        """Add one forward's tokens and micro-batches written; `totals` holds the stage's running
-        totals of TOTALS, of which the counters add what is new."""
+    def observe(self, tokens: int, written: int, stats: dict, queue_depth: int) -> None:
+        """Add one forward's tokens and micro-batches written; of the stage's running totals
+        (`StageActor.stats`), the counters add what is new."""
         if self.metrics is None:
             return
         tags = {"stage": self.stage}
+        totals = {name: stats[key] for name, key in TOTALS.items()}
         counters = {"tokens": tokens, "micro_batches": written,
                     **{name: totals[name] - self._totals[name] for name in TOTALS}}
         for name, value in counters.items():
             if value > 0:  # Counter.inc rejects non-positive values
                 self.metrics[name].inc(value, tags=tags)
-        self._totals = {name: totals[name] for name in TOTALS}
+        self._totals = totals
         self.metrics["write_queue_depth"].set(queue_depth, tags=tags)
 
 

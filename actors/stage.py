@@ -262,11 +262,7 @@ class StageActor:
 
     def _observe(self, tokens: int, written: list[int]) -> None:
         """Dashboard metrics (actors/metrics.py)."""
-        stats = self.stats()
-        totals = {"bytes_written": stats["bytes_written"], "busy_seconds": stats["busy_s"],
-                  "layers_seconds": stats["layers_s"], "tables_seconds": stats["tables_s"],
-                  "write_seconds": stats["write_s"]}
-        self.metrics.observe(tokens, len(written), totals, self.writer.depth())
+        self.metrics.observe(tokens, len(written), self.stats(), self.writer.depth())
 
     def info(self) -> dict:
         """Where this stage runs and what it holds, for the stored plan."""
@@ -291,6 +287,16 @@ class StageActor:
         return {"busy_s": self.busy_s, "tokens": self.tokens, "micro_batches": self.micro_batches,
                 "bytes_written": writer.writer.bytes_written, "layers_s": self.layers_s,
                 "tables_s": writer.prepare_s, "writer_wait_s": writer.wait_s, "write_s": writer.write_s}
+
+
+def profile(after: dict, before: dict | None = None) -> dict:
+    """ms per micro-batch between two `StageActor.stats` (since load without `before`): `forward`
+    and its parts (layers, tables, writer_wait, other), and the writer thread's `files` beside it."""
+    before = before or dict.fromkeys(after, 0)
+    count = after["micro_batches"] - before["micro_batches"]
+    per = lambda key: 1000 * (after[key] - before[key]) / count  # noqa: E731
+    parts = {"layers": per("layers_s"), "tables": per("tables_s"), "writer_wait": per("writer_wait_s")}
+    return {"forward": per("busy_s"), **parts, "other": per("busy_s") - sum(parts.values()), "files": per("write_s")}
 
 
 def join_states(states: list[tuple | None]) -> tuple | None:

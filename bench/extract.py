@@ -14,6 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
+from actors.stage import profile
 from bench.baselines import timed
 
 
@@ -58,20 +59,11 @@ def run_rows(workload, root: Path, num_stages: int, mode: str, repeats: int, cap
             "cluster_start_s": timings["cluster_start_s"],
             "bubble": 1 - statistics.mean(busy) / timings["extract_s"] if busy else None,
             "bytes": data_bytes(out), "tokens": record.tokens, "run_dir": str(out),
-            "profile": [stage_profile(s) for s in stats if s.get("micro_batches")],
+            "profile": [profile(s) for s in stats if s.get("micro_batches")],
         })
     middle = sorted(runs, key=lambda r: r["extract_s"])[len(runs) // 2]  # the median run itself
     return {**middle, "extract_runs": [r["extract_s"] for r in runs],
             "bubble_runs": [r["bubble"] for r in runs]}
-
-
-def stage_profile(stats: dict) -> dict:
-    """Where a stage's time went, in ms per micro-batch (StageActor.stats): `forward` split
-    into layers, tables, waiting for the writer and the rest; files on its writer thread."""
-    per = lambda key: 1000 * stats[key] / stats["micro_batches"]  # noqa: E731
-    parts = {"layers": per("layers_s"), "tables": per("tables_s"), "writer_wait": per("writer_wait_s")}
-    return {"forward": per("busy_s"), **parts, "other": per("busy_s") - sum(parts.values()),
-            "files": per("write_s")}
 
 
 def default_job(root: Path) -> dict:

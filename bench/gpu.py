@@ -76,7 +76,7 @@ def captured(model, batches, device, out: Path, mode: str, floor: float) -> dict
     """(c)/(d): one StageActor holding every layer, capturing and writing in `mode`."""
     import actors.stage as stage_module
     from actors.shard import ShardSpec
-    from actors.stage import StageActor, StageSpec
+    from actors.stage import StageActor, StageSpec, profile
     from common.layout import RunLayout
 
     # NOTE: the stage normally loads its shard from a checkpoint; here it takes the random-init
@@ -99,15 +99,7 @@ def captured(model, batches, device, out: Path, mode: str, floor: float) -> dict
     after = stage.stats()
     stage.close()
     size = sum(Path(path).stat().st_size for path, _ in RunLayout.of(str(out / mode)).batch_tables())
-    return {"seconds": wall_s, "until_last_forward_s": forward_s, "bytes": size, "profile": profile(before, after)}
-
-
-def profile(before: dict, after: dict) -> dict:
-    """ms per micro-batch between two StageActor.stats: forward, and its layers, tables and
-    wait for the writer; the files, on the writer's thread."""
-    per = lambda key: 1000 * (after[key] - before[key]) / (after["micro_batches"] - before["micro_batches"])  # noqa: E731
-    return {"forward": per("busy_s"), "layers": per("layers_s"), "tables": per("tables_s"),
-            "writer_wait": per("writer_wait_s"), "files": per("write_s")}
+    return {"seconds": wall_s, "until_last_forward_s": forward_s, "bytes": size, "profile": profile(after, before)}
 
 
 def main(argv=None) -> int:
@@ -154,13 +146,13 @@ def report(rows: dict, tokens: int, device, shape: dict, build_s: float, path: P
               f"{row['seconds'] / plain_s:.2f}x | {row.get('bytes', 0):,} | "
               f"{row.get('until_last_forward_s', row['seconds']):.3f} |")
     print("\nWhere the stage's time went, ms per micro-batch:\n")
-    print("| Row | forward | layers | tables | waiting for the writer | files (writer thread) |")
-    print("|-----|--------:|-------:|-------:|-----------------------:|----------------------:|")
+    print("| Row | forward | layers | tables | waiting for the writer | other | files (writer thread) |")
+    print("|-----|--------:|-------:|-------:|-----------------------:|------:|----------------------:|")
     for label, row in rows.items():
         if "profile" in row:
             p = row["profile"]
             print(f"| {label} | {p['forward']:.1f} | {p['layers']:.1f} | {p['tables']:.1f} | "
-                  f"{p['writer_wait']:.1f} | {p['files']:.1f} |")
+                  f"{p['writer_wait']:.1f} | {p['other']:.1f} | {p['files']:.1f} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": name, "shape": shape, "tokens": tokens,
                                 "build_s": build_s, "rows": rows}, indent=2))
