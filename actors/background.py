@@ -1,5 +1,12 @@
-"""A stage's writer on its own thread: the stage prepares each micro-batch's tables, this
-thread writes them, and the stage learns which micro-batches are fully written."""
+"""Where a stage's writer runs: the stage prepares each micro-batch's tables, a runner writes
+them, and the stage learns which micro-batches are fully written.
+
+- `BackgroundWriter`: on a thread of its own, beside the layers. For a GPU stage, whose layers
+  leave the CPU free, and for object stores, whose uploads mostly wait on the network.
+- `InlineWriter`: on the stage's thread, before `forward` returns. For a CPU stage writing to
+  its own disk: its torch threads already use every core the stage was given, and a writer
+  thread beside them slows the layers by more than the files cost (bench/RESULTS.md).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,26 @@ import queue
 import threading
 import time
 
+from actors import faults
 from actors.batch import MicroBatch
+from common.errors import RunError, UserError
+
+
+class WriteError(RunError):
+    """A micro-batch's files could not be written; committed micro-batches stay valid."""
+
+
+def write(writer, index: int, pieces: list) -> None:
+    """Write micro-batch `index`'s `pieces`; a failure of the disk or store as a WriteError
+    that says what to do, anything else (a bug) as it is."""
+    try:
+        faults.before_write(index)
+        writer.write(pieces)
+    except UserError:
+        raise
+    except OSError as err:
+        raise WriteError(f"could not write the tables of micro-batch {index}: {err}. Committed micro-batches "
+                         "are kept: free space (or choose another storage.output) and rerun with --resume.") from err
 
 
 class BackgroundWriter:
@@ -37,7 +63,7 @@ class BackgroundWriter:
             try:
                 if self._error is None:
                     start = time.perf_counter()
-                    self.writer.write(pieces)
+                    write(self.writer, index, pieces)
                     self.write_s += time.perf_counter() - start
                     with self._lock:
                         self._done.append(index)
@@ -48,6 +74,8 @@ class BackgroundWriter:
         self._jobs.task_done()
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self._error, UserError):
+            raise self._error
         if self._error is not None:
             raise RuntimeError(f"activation writer failed: {self._error!r}") from self._error
 
@@ -80,3 +108,37 @@ class BackgroundWriter:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join()
+
+
+class InlineWriter:
+    """Runs a writer on the caller's thread: `submit` prepares and writes a micro-batch's files
+    before it returns, so the stage's time waiting for the writer is its files' time."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self._done: list[int] = []
+        self.prepare_s = self.wait_s = self.write_s = 0.0
+
+    def submit(self, batch: MicroBatch, captured: dict, moe: list | None = None) -> None:
+        start = time.perf_counter()
+        pieces = self.writer.prepare(batch, captured, moe)
+        prepared = time.perf_counter()
+        write(self.writer, batch.index, pieces)
+        written = time.perf_counter() - prepared
+        self.prepare_s += prepared - start
+        self.wait_s += written
+        self.write_s += written
+        self._done.append(batch.index)
+
+    def depth(self) -> int:
+        return 0
+
+    def committed(self) -> list[int]:
+        done, self._done = self._done, []
+        return done
+
+    def flush(self) -> list[int]:
+        return self.committed()
+
+    def close(self) -> None:
+        pass

@@ -2,16 +2,18 @@
 
 `MOE_OUTLIERS_FAULTS` names a JSON file (re-read before every micro-batch, so a test
 can arm and disarm faults while a run goes on) holding a list of faults, each
-`{"kind": "kill" | "oom" | "delay", "stage": i, "batch": m, "once": "/path/marker", ...}`:
+`{"kind": "kill" | "oom" | "delay" | "disk", "stage": i, "batch": m, "once": "/path/marker", ...}`:
   - kill: the stage's worker process sends itself SIGKILL before running micro-batch m;
   - oom: running more than `max_rows` sequences at once raises torch.OutOfMemoryError;
-  - delay: sleep `seconds` before every micro-batch (to widen the window for a driver kill).
+  - delay: sleep `seconds` before every micro-batch (to widen the window for a driver kill);
+  - disk: writing micro-batch m's files fails as a full disk does (every stage; no `stage`).
 `once` makes a fault fire a single time across restarts (it creates the marker file).
 Unset, nothing here does anything.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -22,7 +24,8 @@ import torch
 ENV = "MOE_OUTLIERS_FAULTS"
 
 
-def _faults(stage: int) -> list[dict]:
+def _faults(stage: int | None) -> list[dict]:
+    """The armed faults of `stage` (None: those for every stage)."""
     path = os.environ.get(ENV)
     if not path:
         return []
@@ -54,3 +57,9 @@ def before_layers(stage: int, rows: int) -> None:
     for fault in _faults(stage):
         if fault["kind"] == "oom" and rows > fault.get("max_rows", 1) and _claim(fault):
             raise torch.OutOfMemoryError(f"injected: {rows} rows > {fault.get('max_rows', 1)}")
+
+
+def before_write(batch: int) -> None:
+    for fault in _faults(None):
+        if fault["kind"] == "disk" and fault.get("batch") == batch and _claim(fault):
+            raise OSError(errno.ENOSPC, "injected: no space left on device")

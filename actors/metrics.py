@@ -8,7 +8,7 @@ Exported by every node's metrics agent as (Prometheus names, `ray_` prefixed):
     ray_moe_outliers_busy_seconds_total        seconds spent in `forward`, of which
     ray_moe_outliers_layers_seconds_total        running the layers
     ray_moe_outliers_tables_seconds_total        preparing the tables
-    ray_moe_outliers_write_seconds_total       seconds the writer thread spent writing files
+    ray_moe_outliers_write_seconds_total       seconds spent writing files (writer thread, or inline)
     ray_moe_outliers_write_queue_depth         micro-batches waiting for the writer (gauge)
 
 each tagged `stage="stage-<i> [layers a-b]"`, the actor's name in the dashboard.
@@ -75,7 +75,7 @@ def _make() -> dict:
                                   tag_keys=keys),
         "tables_seconds": Counter(PREFIX + "tables_seconds", "Seconds of forward spent preparing tables.",
                                   tag_keys=keys),
-        "write_seconds": Counter(PREFIX + "write_seconds", "Seconds the stage's writer thread spent writing.",
+        "write_seconds": Counter(PREFIX + "write_seconds", "Seconds the stage's writer spent writing files.",
                                  tag_keys=keys),
         "write_queue_depth": Gauge(PREFIX + "write_queue_depth",
                                    "Micro-batches waiting for the stage's writer.", tag_keys=keys),

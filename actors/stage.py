@@ -2,8 +2,9 @@
 
 `StageActor` is a plain class (Ray wraps it in `cluster/pipeline.py`): it loads its
 layers in `__init__` and exposes one verb, `forward(micro_batch)`, which runs the
-layers, hands the captured block inputs to a background writer and returns the
-micro-batch with its new hidden states for the next stage.
+layers, hands the captured block inputs to its writer (on a thread of its own, or inline
+on a CPU stage: actors/background.py) and returns the micro-batch with its new hidden
+states for the next stage.
 
 The layers run inside the model's own forward (actors/layers.py), fed the micro-batch's
 token ids and 2-D padding mask: masks, positions and rotary embeddings are the model's
@@ -28,7 +29,7 @@ from actors.layers import HandoffError, LayerSlice, inner_model, same_state
 from actors.metrics import StageMetrics
 from actors.shard import ShardSpec, load_shard
 from actors.batch import MicroBatch
-from actors.background import BackgroundWriter
+from actors.background import BackgroundWriter, InlineWriter
 from actors.writer import make_writer
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,12 @@ class StageActor:
         self.warm_up(tables)
         self.start_writing(tables, started)
 
-    def start_writing(self, writer, started: float) -> None:
-        """The background writer and the counters; the stage is ready once this returns."""
-        self.writer = BackgroundWriter(writer, depth=self.spec.write_depth)
+    def start_writing(self, writer, started: float, inline: bool | None = None) -> None:
+        """The writer's runner (actors/background.py) and the counters; the stage is ready once
+        this returns. By default a CPU stage writing to a local disk writes inline."""
+        if inline is None:
+            inline = self.device.type == "cpu" and writer.layout.local
+        self.writer = InlineWriter(writer) if inline else BackgroundWriter(writer, depth=self.spec.write_depth)
         self.load_s = time.perf_counter() - started
         self.busy_s = self.layers_s = 0.0
         self.tokens = self.micro_batches = 0
@@ -281,8 +285,8 @@ class StageActor:
 
     def stats(self) -> dict:
         """Counters since load. Of `busy_s` (seconds in `forward`): `layers_s` ran the layers,
-        `tables_s` prepared the tables, `writer_wait_s` waited for room in the writer's queue;
-        `write_s` is the writer thread's, beside them."""
+        `tables_s` prepared the tables, `writer_wait_s` waited for the writer (room in its queue,
+        or the files themselves when it runs inline); `write_s` is the time writing files."""
         writer = self.writer
         return {"busy_s": self.busy_s, "tokens": self.tokens, "micro_batches": self.micro_batches,
                 "bytes_written": writer.writer.bytes_written, "layers_s": self.layers_s,
@@ -291,7 +295,8 @@ class StageActor:
 
 def profile(after: dict, before: dict | None = None) -> dict:
     """ms per micro-batch between two `StageActor.stats` (since load without `before`): `forward`
-    and its parts (layers, tables, writer_wait, other), and the writer thread's `files` beside it."""
+    and its parts (layers, tables, writer_wait, other), and `files`: the time writing them, beside
+    `forward` on a writer thread, or inside its writer_wait when the stage writes inline."""
     before = before or dict.fromkeys(after, 0)
     count = after["micro_batches"] - before["micro_batches"]
     per = lambda key: 1000 * (after[key] - before[key]) / count  # noqa: E731

@@ -156,8 +156,8 @@ class Piece:
 class StageTables:
     """A writer's two halves. `prepare` runs on the stage's thread and does every piece of tensor
     work (padding removal, encoding, selection, statistics) with torch, where the activations
-    live; `write` runs on the background writer's thread and only serializes finished tables,
-    so it takes little CPU beside the forward (actors.stage)."""
+    live; `write` only serializes finished tables, on the writer's own thread or inline
+    (actors/background.py), so it takes little CPU beside the forward."""
 
     def __init__(self, output: str):
         self.layout = RunLayout.of(output)

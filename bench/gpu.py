@@ -146,8 +146,8 @@ def report(rows: dict, tokens: int, device, shape: dict, build_s: float, path: P
               f"{row['seconds'] / plain_s:.2f}x | {row.get('bytes', 0):,} | "
               f"{row.get('until_last_forward_s', row['seconds']):.3f} |")
     print("\nWhere the stage's time went, ms per micro-batch:\n")
-    print("| Row | forward | layers | tables | waiting for the writer | other | files (writer thread) |")
-    print("|-----|--------:|-------:|-------:|-----------------------:|------:|----------------------:|")
+    print("| Row | forward | layers | tables | waiting for the writer | other | files |")
+    print("|-----|--------:|-------:|-------:|-----------------------:|------:|------:|")
     for label, row in rows.items():
         if "profile" in row:
             p = row["profile"]

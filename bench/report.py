@@ -112,8 +112,8 @@ def profile_table(result: dict) -> str:
     floor = 1000 * result["rows"]["a"]["seconds"] / result["micro_batches"]
     lines = [f"Where each stage's time went, ms per micro-batch, in the median run of each row "
              f"(the floor's forward: {floor:.1f} ms per micro-batch):", "",
-             "| Row | Stage | forward | layers | tables | waiting for the writer | other | files (writer thread) |",
-             "|-----|------:|--------:|-------:|-------:|-----------------------:|------:|----------------------:|"]
+             "| Row | Stage | forward | layers | tables | waiting for the writer | other | files |",
+             "|-----|------:|--------:|-------:|-------:|-----------------------:|------:|------:|"]
     for key, stages in result["profiles"].items():
         for index, p in enumerate(stages):
             lines.append(f"| {key} | {index} | {p['forward']:.1f} | {p['layers']:.1f} | {p['tables']:.1f} | "

@@ -143,7 +143,7 @@ class SimStage(StageActor):
         self.moe, self.unchecked, self.model = None, False, torch.nn.Module()  # no weights
         writer = {"none": NoTables, "dense": lambda: DenseSink(spec.output),
                   "exceedances": lambda: ExceedanceSink(spec.output, spec.floor)}[case.mode]()
-        self.start_writing(writer, started)
+        self.start_writing(writer, started, inline=False)  # a GPU stage's writer: its own thread
 
 
 def stage_specs(case: Case) -> list[StageSpec]:

@@ -19,7 +19,7 @@ from actors.stage import StageActor, StageSpec
 from actors.batch import MicroBatch
 from common import logs
 from common.config import choice, positive
-from common.errors import ConfigError, RunError
+from common.errors import ConfigError, RunError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,14 @@ def lost_stage(err: BaseException) -> bool:
     return isinstance(err, lost) or isinstance(getattr(err, "cause", None), lost)
 
 
+def raise_stage_error(err: BaseException) -> None:
+    """Re-raise a stage's failure: its own UserError as that one line (a full disk, a family
+    the hand-off check refuses), not wrapped in Ray's remote traceback; anything else as it is."""
+    if isinstance(getattr(err, "cause", None), UserError):
+        raise err.cause from None
+    raise err
+
+
 def await_stages(stages: list, timeout_s: float) -> None:
     """Return once every stage answers; StageLost if one is dead or not back in time."""
     import time
@@ -259,7 +267,7 @@ def _settle(refs, index, commits, on_commit) -> bool:
             _report(commits, stage, ray.get(ref), on_commit)
         except ray.exceptions.RayError as err:
             if not lost_stage(err):
-                raise
+                raise_stage_error(err)
             lost = True
     if lost:
         log.warning("micro-batch %d: a stage was lost; it will be run again", index)
@@ -276,7 +284,7 @@ def _flush(stages, commits, on_commit) -> bool:
             _report(commits, stage, ray.get(handle.flush.remote()), on_commit)
         except ray.exceptions.RayError as err:
             if not lost_stage(err):
-                raise
+                raise_stage_error(err)
             log.warning("stage-%d was lost before its writer finished", stage)
             lost = True
     return lost

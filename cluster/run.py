@@ -159,6 +159,7 @@ def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, quiet: bool =
     the scan actors' early start, if the run wants them (closed here if the extraction fails)."""
     import ray
 
+    from actors.background import WriteError
     from cluster.pipeline import StageLost, StageStartError, drive, loaded, start_stages
 
     timings = ledger.record.timings
@@ -191,7 +192,7 @@ def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, quiet: bool =
     except BaseException as err:
         if early:
             early.close()
-        if isinstance(err, (StageLost, StageStartError)):
+        if isinstance(err, (StageLost, StageStartError, WriteError)):
             ledger.record.status = "stopped"
             ledger.save()
         raise

@@ -70,6 +70,11 @@ class RunLayout:
     def __reduce__(self):  # a filesystem object need not pickle; the URI does
         return RunLayout.of, (self.uri,)
 
+    @property
+    def local(self) -> bool:
+        """Whether the run directory is on this machine's file system (not an object store)."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
     # -- the record and the lock --
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -13,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 import yaml
 
 from actors import faults
+from actors.background import WriteError
 from actors.families import SITES
 from actors.shard import ShardSpec
 from actors.stage import StageActor, StageSpec
@@ -115,6 +118,79 @@ def test_a_killed_driver_resumes_to_the_same_tables(fault_free_run, planted_chec
     assert json.loads(ledger.read_text())["status"] == "complete"
     assert assert_same_tables(tmp_path / "run", fault_free_run) == 12 * 32 * 12
     assert not list((tmp_path / "run").rglob(".*.tmp-*")), "partial files left behind"
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_completes_it(ray_cluster, fault_free_run, planted_checkpoint,
+                                                                       faults_file, tmp_path):
+    # Every stage fails to write micro-batch 5's files, as on a full disk. The run stops with the
+    # stage's own one-line message, not Ray's traceback; what every stage wrote stays committed,
+    # and --resume writes the rest: the tables of a fault-free run, none twice, no debris.
+    faults_file.write_text(json.dumps([{"kind": "disk", "batch": 5}]))
+    config = load_config(fault_config(planted_checkpoint, tmp_path / "run"))
+    try:
+        with pytest.raises(WriteError, match="micro-batch 5: .*no space left.* rerun with --resume") as raised:
+            execute(config, quiet=True)
+    finally:
+        faults_file.write_text("[]")
+    assert "ray::" not in str(raised.value) and "\n" not in str(raised.value)
+    record = stored_record(tmp_path / "run")
+    assert record.status == "stopped" and 5 not in record.committed() and len(record.committed()) < 12
+
+    execute(config, resume=True, quiet=True)
+    assert stored_record(tmp_path / "run").status == "complete"
+    assert assert_same_tables(tmp_path / "run", fault_free_run) == 12 * 32 * 12
+    assert not list((tmp_path / "run").rglob(".*.tmp-*")), "partial files left behind"
+
+
+class FullDisk:
+    """A writer whose disk is full from micro-batch `full` on."""
+
+    def __init__(self, full: int):
+        self.full, self.written = full, []
+
+    def prepare(self, batch, captured, moe=None) -> list[int]:
+        return [batch.index]
+
+    def write(self, pieces: list[int]) -> None:
+        if pieces[0] >= self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written += pieces
+
+
+@pytest.mark.parametrize("runner", ["inline", "background"])
+def test_a_failed_write_is_never_reported_written_and_says_what_to_do(runner):
+    # Inline, the failure ends the forward that wrote; on the writer's thread, the stage's next
+    # call. Either way the micro-batch is never reported written, and the message is one line.
+    from actors.background import BackgroundWriter, InlineWriter
+
+    writer = FullDisk(full=2)
+    run = InlineWriter(writer) if runner == "inline" else BackgroundWriter(writer, depth=1)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    reported = []
+    with pytest.raises(WriteError, match="micro-batch 2: .*No space left on device.*rerun with --resume"):
+        for index in range(4):
+            run.submit(MicroBatch(index, [index], ids, torch.ones_like(ids)), {})
+            reported += run.committed()
+        reported += run.flush()
+    assert writer.written == [0, 1] and set(reported) <= {0, 1}
+    with pytest.raises(WriteError):  # and stays failed on the writer's thread: nothing after it is written
+        run.flush() if runner == "background" else run.submit(MicroBatch(3, [3], ids, torch.ones_like(ids)), {})
+    assert writer.written == [0, 1]
+    if runner == "background":
+        run.close()
+
+
+def test_a_cpu_stage_on_a_local_disk_writes_before_forward_returns(tiny_checkpoint, tmp_path):
+    from actors.background import InlineWriter
+
+    ids, mask = token_batch(seed=1, batch=2, seq=8)
+    stage = StageActor(StageSpec(0, ShardSpec(tiny_checkpoint("qwen3_moe"), range(0, 2)), str(tmp_path)))
+    assert isinstance(stage.writer, InlineWriter)
+    _, written = stage.forward(MicroBatch(0, [0, 1], ids, mask))
+    assert written == [0] and len(RunLayout.of(str(tmp_path)).partition_files(0, "ln_attn")) == 1
+    stats = stage.stats()
+    assert stats["writer_wait_s"] == stats["write_s"] > 0  # the stage waited for its files, and only that
+    stage.close()
 
 
 def wait_for_commits(ledger: Path, at_least: int, timeout_s: float) -> list[str]:
