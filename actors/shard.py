@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from actors.allocator import transients_returned
 from actors.families import Family, family_of
 from actors.layers import carried, inner_model
 from common.errors import ModelError
@@ -189,14 +190,15 @@ def load_shard(spec: ShardSpec, device: str | torch.device = "cpu") -> nn.Module
         raise ModelError(f"layers {spec.layers} outside the model's {n} layers")
     family = family_of(text_config(config).model_type)
     cls = shard_class(causal_lm_class(config), family, spec.layers, keep_embeddings=spec.layers.start == 0)
-    model, info = cls.from_pretrained(spec.model_path, output_loading_info=True, **load_kwargs(
-        config, spec.dtype, spec.experts_implementation, spec.attn_implementation))
-    if info["missing_keys"]:
-        raise ModelError(
-            f"{spec.model_path}: checkpoint lacks {sorted(info['missing_keys'])[:5]} for layers "
-            f"{spec.layers.start}-{spec.layers.stop - 1}; is it complete?"
-        )
-    model = own_memory(model.to(device)).eval()
+    with transients_returned():
+        model, info = cls.from_pretrained(spec.model_path, output_loading_info=True, **load_kwargs(
+            config, spec.dtype, spec.experts_implementation, spec.attn_implementation))
+        if info["missing_keys"]:
+            raise ModelError(
+                f"{spec.model_path}: checkpoint lacks {sorted(info['missing_keys'])[:5]} for layers "
+                f"{spec.layers.start}-{spec.layers.stop - 1}; is it complete?"
+            )
+        model = own_memory(model.to(device)).eval()
     embed = getattr(inner_model(model, family), family.embed)
     if isinstance(embed, StandInEmbedding):
         embed.dtype, embed.device = DTYPES[spec.dtype], torch.device(device)

@@ -98,6 +98,36 @@ def test_loading_a_shard_peaks_well_under_the_whole_checkpoint(model_cache):
     assert shard < 0.4 * full
 
 
+def test_what_a_load_frees_goes_back_to_the_system_and_the_forward_keeps_its_blocks():
+    # In a fresh process: a 16 MiB block freed inside `transients_returned` leaves the resident
+    # memory as it was, though glibc's own threshold would have kept it on the heap; freed after
+    # it, the heap keeps it for the next forward.
+    script = """
+import numpy as np
+from actors.allocator import transients_returned
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+def grown_by_a_freed_block():
+    before = rss()
+    block = np.ones(2 << 20)  # 16 MiB, written
+    del block
+    return rss() - before
+
+grown_by_a_freed_block()  # as a load's first transient: glibc's own threshold now passes 16 MiB
+with transients_returned():
+    loading = grown_by_a_freed_block()
+print(loading, grown_by_a_freed_block())
+"""
+    if not sys.platform.startswith("linux") or "glibc" not in " ".join(__import__("platform").libc_ver()):
+        pytest.skip("glibc only")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    loading, running = map(int, done.stdout.split())
+    assert loading < 2**20 and running >= 15 * 2**20
+
+
 def test_a_missing_checkpoint_says_how_to_fix_it(tmp_path):
     with pytest.raises(ModelError, match=r"model.path='.*nope' could not be loaded.*local checkpoint directory"):
         load_config(str(tmp_path / "nope"))
