@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from actors.anatomy import Anatomy, anatomy
+from actors.background import WriteError
 from actors.shard import ShardSpec, checkpoint_dir, load_config, text_config
 from actors.stage import StageSpec
 from actors.batch import MicroBatch
@@ -159,7 +160,6 @@ def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, quiet: bool =
     the scan actors' early start, if the run wants them (closed here if the extraction fails)."""
     import ray
 
-    from actors.background import WriteError
     from cluster.pipeline import StageLost, StageStartError, drive, loaded, start_stages
 
     timings = ledger.record.timings
