@@ -29,8 +29,8 @@ def write(writer, index: int, pieces: list) -> None:
     try:
         faults.before_write(index)
         writer.write(pieces)
-    except UserError:
-        raise
+    except UserError as err:  # a read-only output, say: the message already says what to do
+        raise WriteError(str(err)) from err
     except OSError as err:
         raise WriteError(f"could not write the tables of micro-batch {index}: {err}. Committed micro-batches "
                          "are kept: free space (or choose another storage.output) and rerun with --resume.") from err
