@@ -180,6 +180,19 @@ def test_a_failed_write_is_never_reported_written_and_says_what_to_do(runner):
         run.close()
 
 
+def test_an_output_that_refuses_a_write_stops_the_run_with_its_own_message():
+    from actors.background import InlineWriter
+    from common.errors import RunError
+
+    class ReadOnly(FullDisk):
+        def write(self, pieces):
+            raise RunError("cannot write /out/x: Permission denied; choose a writable output.")
+
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(WriteError, match="^cannot write /out/x: Permission denied; choose a writable output.$"):
+        InlineWriter(ReadOnly(0)).submit(MicroBatch(0, [0], ids, torch.ones_like(ids)), {})
+
+
 def test_a_cpu_stage_on_a_local_disk_writes_before_forward_returns(tiny_checkpoint, tmp_path):
     from actors.background import InlineWriter
 
