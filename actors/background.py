@@ -25,15 +25,13 @@ class WriteError(RunError):
 
 def write(writer, index: int, pieces: list) -> None:
     """Write micro-batch `index`'s `pieces`; a failure of the disk or store as a WriteError
-    that says what to do, anything else (a bug) as it is."""
+    that says which micro-batch and what to do, anything else (a bug) as it is."""
     try:
         faults.before_write(index)
         writer.write(pieces)
-    except UserError as err:  # a read-only output, say: the message already says what to do
-        raise WriteError(str(err)) from err
-    except OSError as err:
-        raise WriteError(f"could not write the tables of micro-batch {index}: {err}. Committed micro-batches "
-                         "are kept: free space (or choose another storage.output) and rerun with --resume.") from err
+    except (UserError, OSError) as err:  # common.files says which file and why, as a RunError
+        raise WriteError(f"could not write the tables of micro-batch {index}: {str(err).rstrip('.')}. Committed "
+                         "micro-batches are kept: rerun with --resume once the output has room (or is writable).") from err
 
 
 class BackgroundWriter:

@@ -8,6 +8,7 @@ runs from writing one directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -42,8 +43,11 @@ def _atomically(fs: pafs.FileSystem, path: str, write: Callable[[str], None]) ->
         write(temp)
         size = fs.get_file_info(temp).size
         fs.move(temp, path)  # local: rename(2), atomic; object stores: the object appears whole
-    except PermissionError as err:
-        raise RunError(f"cannot write {path}: {err.strerror or err}; choose a writable output.") from None
+    except OSError as err:  # read-only, full, over quota, unreachable: one line, no half file
+        with contextlib.suppress(OSError):
+            fs.delete_file(temp)
+        fix = "choose a writable output" if isinstance(err, PermissionError) else "free space or choose another output"
+        raise RunError(f"cannot write {path}: {err.strerror or err}; {fix}.") from None
     return size
 
 

@@ -189,7 +189,8 @@ def test_an_output_that_refuses_a_write_stops_the_run_with_its_own_message():
             raise RunError("cannot write /out/x: Permission denied; choose a writable output.")
 
     ids = torch.zeros(1, 4, dtype=torch.long)
-    with pytest.raises(WriteError, match="^cannot write /out/x: Permission denied; choose a writable output.$"):
+    with pytest.raises(WriteError, match="micro-batch 0: cannot write /out/x: Permission denied; choose a writable "
+                                         "output. Committed micro-batches are kept: rerun with --resume"):
         InlineWriter(ReadOnly(0)).submit(MicroBatch(0, [0], ids, torch.ones_like(ids)), {})
 
 

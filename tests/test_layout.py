@@ -85,3 +85,21 @@ def test_unusable_records_are_refused_in_one_line(tmp_path, content, message):
     with pytest.raises(RunError, match=message) as refused:
         read_record(RunLayout.of(str(tmp_path)))
     assert "\n" not in str(refused.value)
+
+
+def test_a_write_the_disk_fails_leaves_no_half_file_and_says_what_to_do(tmp_path):
+    import errno
+
+    from common import files
+
+    fs, root = files.resolve(str(tmp_path))
+
+    def fills_the_disk(temp: str) -> None:
+        with fs.open_output_stream(temp) as out:
+            out.write(b"half a table")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(RunError, match=r"^cannot write .*/t\.arrow: No space left on device; free space or choose "
+                                       r"another output\.$"):
+        files._atomically(fs, f"{root}/t.arrow", fills_the_disk)
+    assert list(tmp_path.iterdir()) == []
