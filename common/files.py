@@ -135,6 +135,13 @@ class RunLock:
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
 
     def __enter__(self):
+        try:
+            return self._acquire()
+        except OSError as err:  # a file where the directory should be, a read-only or full disk
+            raise RunError(f"storage.output={self.output!r} cannot hold a run: {err.strerror or err}; "
+                           "choose a writable directory (--output).") from None
+
+    def _acquire(self):
         self.fs.create_dir(self.path.rpartition("/")[0], recursive=True)
         for _ in range(2):
             if self._create():

@@ -42,6 +42,12 @@ def test_input_errors_before_any_work(capsys, tmp_path, args, message):
     assert not (tmp_path / "run").exists()  # nothing written for a run that never started
 
 
+def test_an_output_that_is_a_file_is_refused(capsys, tmp_path):
+    (tmp_path / "taken").write_text("not a directory")
+    fails_with(capsys, ["--output", str(tmp_path / "taken")], "cannot hold a run: ")
+    fails_with(capsys, ["--output", str(tmp_path / "taken" / "run")], "choose a writable directory (--output)")
+
+
 def test_empty_and_too_short_datasets(capsys, tmp_path):
     empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
     empty.write_text("")
