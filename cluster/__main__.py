@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         result = execute(config, resume=args.resume, quiet=args.quiet)
     except UserError as err:
         return report(err)
+    except KeyboardInterrupt:
+        print("interrupted: the micro-batches committed so far are kept; rerun with --resume to finish.",
+              file=sys.stderr)
+        return 130
     record = result["record"]
     print(feature_table(result["summary"]["outlier_features"]))
     timings = ", ".join(f"{k} {v:.1f}" for k, v in record.timings.items())

@@ -120,6 +120,28 @@ def test_a_killed_driver_resumes_to_the_same_tables(fault_free_run, planted_chec
     assert not list((tmp_path / "run").rglob(".*.tmp-*")), "partial files left behind"
 
 
+def test_ctrl_c_stops_the_run_in_one_line_and_frees_the_output(planted_checkpoint, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(fault_config(planted_checkpoint, tmp_path / "run")))
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps([{"kind": "delay", "stage": 0, "seconds": 0.25}]))
+    env = {**os.environ, faults.ENV: str(slow), "RAY_ADDRESS": "local"}
+    driver = subprocess.Popen([sys.executable, "-m", "cluster", "run", str(config)], cwd=REPO, env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    layout = RunLayout.of(str(tmp_path / "run"))
+    try:
+        wait_for_commits(Path(layout.record), at_least=2, timeout_s=120)
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: ") and "--resume" in err
+    assert not Path(f"{layout.root}/.lock").exists()  # the next run, or --resume, may start at once
+    assert stored_record(tmp_path / "run").status == "running" and len(stored_record(tmp_path / "run").committed()) >= 2
+
+
 def test_a_full_disk_stops_the_run_in_one_line_and_resume_completes_it(ray_cluster, fault_free_run, planted_checkpoint,
                                                                        faults_file, tmp_path):
     # Every stage fails to write micro-batch 5's files, as on a full disk. The run stops with the
