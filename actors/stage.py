@@ -44,6 +44,7 @@ class StageSpec:
     output: str                  # run directory (path or filesystem URI)
     device: str = "auto"         # auto: the GPU Ray gave us, else the CPU
     write_depth: int = 2         # micro-batches queued for the writer before forward blocks
+    writer: str = "auto"         # auto, thread or inline (actors/background.py)
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
     last: bool = False           # the last stage passes no hidden states on
     warm_up: tuple[int, int] = (1, 8)  # [batch, seq] of the warm-up forward: a micro-batch's shape
@@ -100,9 +101,10 @@ class StageActor:
 
     def start_writing(self, writer, started: float, inline: bool | None = None) -> None:
         """The writer's runner (actors/background.py) and the counters; the stage is ready once
-        this returns. By default a CPU stage writing to a local disk writes inline."""
+        this returns. With `writer: auto`, a CPU stage writing to a local path writes inline."""
         if inline is None:
-            inline = self.device.type == "cpu" and writer.layout.local
+            auto = self.device.type == "cpu" and writer.layout.local
+            inline = self.spec.writer == "inline" or (self.spec.writer == "auto" and auto)
         self.writer = InlineWriter(writer) if inline else BackgroundWriter(writer, depth=self.spec.write_depth)
         self.load_s = time.perf_counter() - started
         self.busy_s = self.layers_s = 0.0

@@ -42,6 +42,9 @@ class PipelineConfig:
     """torch threads in a stage; 0 means cpus_per_stage."""
     write_depth: int = 2
     """Micro-batches queued for a stage's writer before the stage waits."""
+    writer: str = "auto"
+    """Where a stage writes its files: auto (inline on a CPU stage writing to a local path, else
+    a thread of its own), thread or inline (actors/background.py)."""
     placement_timeout_s: float = 60.0
     """How long to wait for the cluster to fit the stages before giving up."""
     placement: str = "auto"
@@ -52,6 +55,7 @@ class PipelineConfig:
         positive("pipeline.num_stages", self.num_stages)
         positive("pipeline.micro_batch_size", self.micro_batch_size)
         positive("pipeline.write_depth", self.write_depth)
+        choice("pipeline.writer", self.writer, ["auto", "thread", "inline"])
         choice("pipeline.device", self.device, ["auto", "cuda", "cpu"])
         choice("pipeline.placement", self.placement, ["auto", "pack", "spread", "strict_spread"])
         if self.max_in_flight < 0:

@@ -92,6 +92,7 @@ def stage_specs(config: RunConfig, prepared: Prepared, output: str) -> list[Stag
             output=output,
             device=pipe.device,
             write_depth=pipe.write_depth,
+            writer=pipe.writer,
             num_threads=pipe.threads_per_stage or max(1, int(pipe.cpus_per_stage)),
             last=index == len(prepared.stages) - 1,
             warm_up=(pipe.micro_batch_size, config.data.seq_len),

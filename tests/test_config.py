@@ -58,6 +58,7 @@ def test_model_path_override_replaces_the_tiny_model():
     (["data.seq_len=true"], r"data.seq_len=True: expected int"),
     (["model.dtype=fp8"], r"model.dtype='fp8': choose one of \['auto', 'float32', 'bfloat16', 'float16'\]"),
     (["storage.mode=sparse"], r"storage.mode='sparse': choose one of \['dense', 'exceedances'\]"),
+    (["pipeline.writer=async"], r"pipeline.writer='async': choose one of \['auto', 'thread', 'inline'\]"),
     (["analysis.layer_unit=token"], r"layer_unit='token'"),
     (["model.tiny.hidden_size=100", "model.tiny.num_heads=3"], r"num_heads"),
     (["model.tiny.plants=[{dim: 1, layers: [0], scale: 2, color: red}]"], r"unknown .*color"),

@@ -217,10 +217,14 @@ def test_an_output_that_refuses_a_write_stops_the_run_with_its_own_message():
 
 
 def test_a_cpu_stage_on_a_local_disk_writes_before_forward_returns(tiny_checkpoint, tmp_path):
-    from actors.background import InlineWriter
+    from actors.background import BackgroundWriter, InlineWriter
 
     ids, mask = token_batch(seed=1, batch=2, seq=8)
-    stage = StageActor(StageSpec(0, ShardSpec(tiny_checkpoint("qwen3_moe"), range(0, 2)), str(tmp_path)))
+    shard = ShardSpec(tiny_checkpoint("qwen3_moe"), range(0, 2))
+    threaded = StageActor(StageSpec(0, shard, str(tmp_path / "threaded"), writer="thread"))
+    assert isinstance(threaded.writer, BackgroundWriter)  # as asked: `pipeline.writer: thread`
+    threaded.close()
+    stage = StageActor(StageSpec(0, shard, str(tmp_path)))
     assert isinstance(stage.writer, InlineWriter)
     _, written = stage.forward(MicroBatch(0, [0, 1], ids, mask))
     assert written == [0] and len(RunLayout.of(str(tmp_path)).partition_files(0, "ln_attn")) == 1
