@@ -4,7 +4,7 @@ glibc serves a large block from the heap once its mmap threshold has grown (it g
 size of any mapped block that is freed, up to 32 MiB), and a heap keeps what is freed in its
 middle. Loading a shard allocates and frees transient copies of its tensors, and which of them
 land on the heap depends on the order of the frees: on the bench's memory shard, a stage's peak
-was 46 MiB higher in two runs of three, and passed the stated bound (bench/RESULTS.md).
+was 46 MiB higher in some runs than in others, and then passed the stated bound (bench/RESULTS.md).
 
 While a shard loads, every block of 128 KiB or more is mapped, and unmapped when freed. After
 it, both thresholds are the largest glibc's own growth reaches, so the forward keeps reusing its

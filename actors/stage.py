@@ -99,12 +99,11 @@ class StageActor:
         self.warm_up(tables)
         self.start_writing(tables, started)
 
-    def start_writing(self, writer, started: float, inline: bool | None = None) -> None:
+    def start_writing(self, writer, started: float) -> None:
         """The writer's runner (actors/background.py) and the counters; the stage is ready once
         this returns. With `writer: auto`, a CPU stage writing to a local path writes inline."""
-        if inline is None:
-            auto = self.device.type == "cpu" and writer.layout.local
-            inline = self.spec.writer == "inline" or (self.spec.writer == "auto" and auto)
+        choice = self.spec.writer
+        inline = choice == "inline" or (choice == "auto" and self.device.type == "cpu" and writer.layout.local)
         self.writer = InlineWriter(writer) if inline else BackgroundWriter(writer, depth=self.spec.write_depth)
         self.load_s = time.perf_counter() - started
         self.busy_s = self.layers_s = 0.0

@@ -145,14 +145,10 @@ def report(rows: dict, tokens: int, device, shape: dict, build_s: float, path: P
         print(f"| {label} | {row['seconds']:.3f} | {tokens / row['seconds']:,.0f} | "
               f"{row['seconds'] / plain_s:.2f}x | {row.get('bytes', 0):,} | "
               f"{row.get('until_last_forward_s', row['seconds']):.3f} |")
+    from bench.report import profile_rows
+
     print("\nWhere the stage's time went, ms per micro-batch:\n")
-    print("| Row | forward | layers | tables | waiting for the writer | other | files |")
-    print("|-----|--------:|-------:|-------:|-----------------------:|------:|------:|")
-    for label, row in rows.items():
-        if "profile" in row:
-            p = row["profile"]
-            print(f"| {label} | {p['forward']:.1f} | {p['layers']:.1f} | {p['tables']:.1f} | "
-                  f"{p['writer_wait']:.1f} | {p['other']:.1f} | {p['files']:.1f} |")
+    print(profile_rows({label: [row["profile"]] for label, row in rows.items() if "profile" in row}))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": name, "shape": shape, "tokens": tokens,
                                 "build_s": build_s, "rows": rows}, indent=2))

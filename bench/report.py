@@ -110,11 +110,16 @@ def profile_table(result: dict) -> str:
     """Each pipeline row's stages, in ms per micro-batch (its median run), beside the floor's
     forward per micro-batch: the profile of the extraction targets."""
     floor = 1000 * result["rows"]["a"]["seconds"] / result["micro_batches"]
-    lines = [f"Where each stage's time went, ms per micro-batch, in the median run of each row "
-             f"(the floor's forward: {floor:.1f} ms per micro-batch):", "",
-             "| Row | Stage | forward | layers | tables | waiting for the writer | other | files |",
+    return "\n".join([f"Where each stage's time went, ms per micro-batch, in the median run of each row "
+                      f"(the floor's forward: {floor:.1f} ms per micro-batch):", "",
+                      profile_rows(result["profiles"])])
+
+
+def profile_rows(profiles: dict[str, list[dict]]) -> str:
+    """{row: [each stage's `actors.stage.profile`]} as a table, ms per micro-batch."""
+    lines = ["| Row | Stage | forward | layers | tables | waiting for the writer | other | files |",
              "|-----|------:|--------:|-------:|-------:|-----------------------:|------:|------:|"]
-    for key, stages in result["profiles"].items():
+    for key, stages in profiles.items():
         for index, p in enumerate(stages):
             lines.append(f"| {key} | {index} | {p['forward']:.1f} | {p['layers']:.1f} | {p['tables']:.1f} | "
                          f"{p['writer_wait']:.1f} | {p['other']:.1f} | {p['files']:.1f} |")

@@ -143,12 +143,13 @@ class SimStage(StageActor):
         self.moe, self.unchecked, self.model = None, False, torch.nn.Module()  # no weights
         writer = {"none": NoTables, "dense": lambda: DenseSink(spec.output),
                   "exceedances": lambda: ExceedanceSink(spec.output, spec.floor)}[case.mode]()
-        self.start_writing(writer, started, inline=False)  # a GPU stage's writer: its own thread
+        self.start_writing(writer, started)
 
 
 def stage_specs(case: Case) -> list[StageSpec]:
     return [StageSpec(i, ShardSpec("simulated", range(i * case.layers, (i + 1) * case.layers), "bfloat16"),
                       output="/nonexistent", device=case.device, last=i == case.stages - 1,
+                      writer="thread",  # a GPU stage's writer, on its own thread, whatever the device
                       storage="exceedances" if case.mode == "exceedances" else "dense")
             for i in range(case.stages)]
 
