@@ -2,8 +2,10 @@
 
 `MOE_OUTLIERS_FAULTS` names a JSON file (re-read before every micro-batch, so a test
 can arm and disarm faults while a run goes on) holding a list of faults, each
-`{"kind": "kill" | "oom" | "delay" | "disk", "stage": i, "batch": m, "once": "/path/marker", ...}`:
-  - kill: the stage's worker process sends itself SIGKILL before running micro-batch m;
+`{"kind": "kill" | "oom" | "delay" | "disk", "stage": i, "batch": m, "once": "/path/marker", ...}`
+(with `"replica": r`, only that replica's stage i; without it, stage i of every replica):
+  - kill: the stage's worker process sends itself SIGKILL before running micro-batch m (without
+    `batch`: the first micro-batch it gets);
   - oom: running more than `max_rows` sequences at once raises torch.OutOfMemoryError;
   - delay: sleep `seconds` before every micro-batch (to widen the window for a driver kill);
   - disk: writing micro-batch m's files fails as a full disk does (every stage; no `stage`).
@@ -24,13 +26,14 @@ import torch
 ENV = "MOE_OUTLIERS_FAULTS"
 
 
-def _faults(stage: int | None) -> list[dict]:
-    """The armed faults of `stage` (None: those for every stage)."""
+def _faults(stage: int | None, replica: int = 0) -> list[dict]:
+    """The armed faults of `stage` of `replica` (stage None: those for every stage)."""
     path = os.environ.get(ENV)
     if not path:
         return []
     with open(path) as f:
-        return [fault for fault in json.load(f) if fault.get("stage", stage) == stage]
+        return [fault for fault in json.load(f)
+                if fault.get("stage", stage) == stage and fault.get("replica", replica) == replica]
 
 
 def _claim(fault: dict) -> bool:
@@ -45,11 +48,11 @@ def _claim(fault: dict) -> bool:
         return False
 
 
-def before_batch(stage: int, batch: int) -> None:
-    for fault in _faults(stage):
+def before_batch(stage: int, batch: int, replica: int = 0) -> None:
+    for fault in _faults(stage, replica):
         if fault["kind"] == "delay":
             time.sleep(fault["seconds"])
-        elif fault["kind"] == "kill" and fault.get("batch") == batch and _claim(fault):
+        elif fault["kind"] == "kill" and fault.get("batch", batch) == batch and _claim(fault):
             os.kill(os.getpid(), signal.SIGKILL)
 
 

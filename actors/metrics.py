@@ -11,7 +11,8 @@ Exported by every node's metrics agent as (Prometheus names, `ray_` prefixed):
     ray_moe_outliers_write_seconds_total       seconds spent writing files (writer thread, or inline)
     ray_moe_outliers_write_queue_depth         micro-batches waiting for the writer (gauge)
 
-each tagged `stage="stage-<i> [layers a-b]"`, the actor's name in the dashboard.
+each tagged `stage="r<k>/stage-<i> [layers a-b]"`, the actor's name in the dashboard, and
+`replica="<k>"`, so `sum by (replica)` gives each pipeline's rate.
 Without Ray (in-process tests, the GPU bench machine) every call is a no-op, and
 Ray is never imported from here.
 """
@@ -31,8 +32,9 @@ TOTALS = {"bytes_written": "bytes_written", "busy_seconds": "busy_s", "layers_se
 class StageMetrics:
     """Counters of one stage; `observe` after each forward updates them."""
 
-    def __init__(self, stage: str):
+    def __init__(self, stage: str, replica: int = 0):
         self.stage = stage
+        self.replica = str(replica)
         self.metrics = _make() if _ray_running() else None
         self._totals = dict.fromkeys(TOTALS, 0)
 
@@ -41,7 +43,7 @@ class StageMetrics:
         (`StageActor.stats`), the counters add what is new."""
         if self.metrics is None:
             return
-        tags = {"stage": self.stage}
+        tags = {"stage": self.stage, "replica": self.replica}
         totals = {name: stats[key] for name, key in TOTALS.items()}
         counters = {"tokens": tokens, "micro_batches": written,
                     **{name: totals[name] - self._totals[name] for name in TOTALS}}
@@ -61,7 +63,7 @@ def _ray_running() -> bool:
 def _make() -> dict:
     from ray.util.metrics import Counter, Gauge
 
-    keys = ("stage",)
+    keys = ("stage", "replica")
     return {
         "tokens": Counter(PREFIX + "tokens", "Tokens run through the stage's layers.", tag_keys=keys),
         "micro_batches": Counter(PREFIX + "micro_batches",

@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 class StageSpec:
     """Everything one stage needs, and nothing else."""
 
-    index: int
+    index: int                   # the stage's place in its pipeline
     shard: ShardSpec
     output: str                  # run directory (path or filesystem URI)
+    replica: int = 0             # which of the run's pipelines (cluster/dispatch.py)
     device: str = "auto"         # auto: the GPU Ray gave us, else the CPU
     write_depth: int = 2         # micro-batches queued for the writer before forward blocks
     writer: str = "auto"         # auto, thread or inline (actors/background.py)
@@ -54,8 +55,8 @@ class StageSpec:
 
     @property
     def name(self) -> str:
-        """How the plan, the dashboard and the metrics call this stage."""
-        return f"stage-{self.index} [layers {self.shard.layers.start}-{self.shard.layers.stop - 1}]"
+        """How the plan, the dashboard and the metrics call this stage: `r1/stage-0 [layers 0-23]`."""
+        return f"r{self.replica}/stage-{self.index} [layers {self.shard.layers.start}-{self.shard.layers.stop - 1}]"
 
 
 def warm_up_ids(vocab_size: int, batch: int, seq: int) -> torch.Tensor:
@@ -108,7 +109,7 @@ class StageActor:
         self.load_s = time.perf_counter() - started
         self.busy_s = self.layers_s = 0.0
         self.tokens = self.micro_batches = 0
-        self.metrics = StageMetrics(self.spec.name)
+        self.metrics = StageMetrics(self.spec.name, self.spec.replica)
 
     def warm_up(self, tables=None) -> None:
         """One forward of a micro-batch's shape before any real one, its tables prepared and
@@ -205,7 +206,7 @@ class StageActor:
     def forward(self, batch: MicroBatch) -> tuple[MicroBatch, list[int]]:
         """Run one micro-batch; returns it for the next stage, and micro-batches now committed."""
         started = time.perf_counter()
-        faults.before_batch(self.spec.index, batch.index)
+        faults.before_batch(self.spec.index, batch.index, self.spec.replica)
         state, captured, moe = self.run_split(batch)
         if self.device.type == "cuda":
             # NOTE: so `layers_s` is the layers' time, not their launch: the tables' copy to the
@@ -274,6 +275,8 @@ class StageActor:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return {
             "stage": self.spec.index,
+            "replica": self.spec.replica,
+            "name": self.spec.name,
             "layers": [self.spec.shard.layers.start, self.spec.shard.layers.stop],
             "node": socket.gethostname(),
             "pid": os.getpid(),

@@ -85,8 +85,9 @@ def apply_override(data: dict, path: list[str], value) -> None:
         node.pop("tiny", None)  # a checkpoint given on the command line replaces the built one
 
 
-def load_config(source: str | Path | dict, overrides: list[str] = ()) -> RunConfig:
-    """Read YAML (or a dict), apply `key=value` overrides, validate."""
+def load_config(source: str | Path | dict, overrides: list[str] = (), settings: dict | None = None) -> RunConfig:
+    """Read YAML (or a dict), apply `key=value` overrides, then `settings` ({dotted key: value}),
+    validate."""
     if isinstance(source, dict):
         data = source
     else:
@@ -100,4 +101,6 @@ def load_config(source: str | Path | dict, overrides: list[str] = ()) -> RunConf
     data = copy.deepcopy(data)
     for text in overrides:
         apply_override(data, *parse_override(text))
+    for key, value in (settings or {}).items():
+        apply_override(data, key.split("."), value)
     return build(RunConfig, data)

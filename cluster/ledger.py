@@ -47,10 +47,21 @@ class Ledger:
         if time.monotonic() - self._saved_at >= self.save_every_s:
             self.save()
 
-    def placed(self, infos: list[dict], names: list[str]) -> None:
-        """Merge each stage's own report (node, device, pid, bytes) into the stored plan."""
-        for entry, info in zip(self.record.plan, infos):
-            for key, value in {**info, "name": names[info["stage"]]}.items():
+    def replicate(self, replicas: int, placement: dict) -> None:
+        """The plan of one pipeline, as `replicas` copies of it (replica-major), and where the
+        executor reserved them."""
+        one = [entry for entry in self.record.plan if entry.replica == 0]
+        self.record.plan = [StageRecord(stage=e.stage, layers=list(e.layers), param_bytes=e.param_bytes, replica=r)
+                            for r in range(replicas) for e in one]
+        self.record.placement = placement
+        self.save()
+
+    def placed(self, infos: list[dict]) -> None:
+        """Merge each stage's own report (name, node, device, pid, bytes) into the stored plan."""
+        entries = {(entry.replica, entry.stage): entry for entry in self.record.plan}
+        for info in infos:
+            entry = entries[(info["replica"], info["stage"])]
+            for key, value in info.items():
                 if hasattr(entry, key):
                     setattr(entry, key, value)
         self.save()
@@ -84,22 +95,32 @@ def same_run(old: dict, new: dict) -> bool:
     return key(old) == key(new)
 
 
+def previous(layout: RunLayout, config: dict, resume: bool) -> RunRecord | None:
+    """The run already at `layout` that `resume` continues (None when the output holds none);
+    refused in one line without --resume, or when its config makes other files than `config`."""
+    if not files.exists(layout.fs, layout.record):
+        return None
+    old = read_record(layout)
+    if not resume:
+        raise RunError(
+            f"storage.output={layout.uri!r} already holds a run (status {old.status!r}). "
+            "Pass --resume to continue it, or choose another --output."
+        )
+    if not same_run(old.config, config):
+        raise RunError(
+            f"--resume: the run in {layout.uri!r} was made with a different model, data, storage or "
+            "micro_batch_size; resume with the same config and flags, or choose another --output."
+        )
+    return old
+
+
 def open_ledger(layout: RunLayout, record: RunRecord, resume: bool) -> Ledger:
     """A fresh ledger, or the existing one when resuming the same run."""
     ledger = Ledger(layout, record)
-    if files.exists(layout.fs, layout.record):
-        old = read_record(layout)
-        if not resume:
-            raise RunError(
-                f"storage.output={layout.uri!r} already holds a run (status {old.status!r}). "
-                "Pass --resume to continue it, or choose another --output."
-            )
-        if not same_run(old.config, record.config):
-            raise RunError(
-                f"--resume: the run in {layout.uri!r} was made with a different model, data, storage or "
-                "micro_batch_size; resume with the same config and flags, or choose another --output."
-            )
-        old.config, old.status = record.config, "running"
+    old = previous(layout, record.config, resume)
+    if old is not None:
+        # The plan is this session's: a resume may run other numbers of stages and replicas.
+        old.config, old.status, old.plan = record.config, "running", record.plan
         ledger.record = old
         removed = files.remove_debris(layout.fs, layout.root) + layout.remove_uncommitted(old.committed())
         if removed:

@@ -1,9 +1,12 @@
-"""Joining or starting a Ray cluster, and reserving one bundle per pipeline stage.
+"""Joining or starting a Ray cluster, and reserving one placement group per pipeline replica.
 
 One bundle per stage: `{"GPU": 1, "CPU": c}` where the cluster has GPUs, else
-`{"CPU": c}` (stages then run on CPU tensors). We check the cluster's resources
-before asking, and wait for the placement group with a timeout, so a plan the
-cluster cannot fit fails with a message instead of hanging.
+`{"CPU": c}` (stages then run on CPU tensors); one placement group of N bundles per
+replica. Under `placement: auto` a replica whose stages fit one node is held there
+(STRICT_PACK, so its hand-offs stay on the node), and the replicas are spread over the
+nodes (`targets`). We check the cluster's resources before asking, and wait for the
+groups with a timeout, so a plan the cluster cannot fit fails with a message instead of
+hanging.
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ def _alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-def stage_bundles(num_stages: int, cpus_per_stage: float, device: str) -> list[dict]:
-    """One resource bundle per stage; GPU bundles unless the run is CPU-only."""
+def stage_bundle(cpus_per_stage: float, device: str) -> dict:
+    """The resources of one stage: a GPU and its CPUs, or CPUs alone on a CPU-only run."""
     import ray
 
     total = ray.cluster_resources()
@@ -64,33 +67,118 @@ def stage_bundles(num_stages: int, cpus_per_stage: float, device: str) -> list[d
             f"pipeline.device=cuda but the cluster has {describe_resources(total)}. "
             "Use pipeline.device=auto or cpu, or join a cluster with GPUs."
         )
-    bundle = {"GPU": 1, "CPU": cpus_per_stage} if use_gpu else {"CPU": cpus_per_stage}
+    return {"GPU": 1, "CPU": cpus_per_stage} if use_gpu else {"CPU": cpus_per_stage}
+
+
+def count_replicas(setting: int | str, num_stages: int, bundle: dict, total: dict) -> int:
+    """How many replicas of `num_stages` stages to run: `auto` is as many as the cluster's GPUs
+    hold (floor(GPUs / N), within its CPUs), 1 without GPUs; an integer must fit the cluster."""
+    room = min(total.get(key, 0) // (need * num_stages) for key, need in bundle.items() if need > 0)
+    wanted = (int(room) if "GPU" in bundle else 1) if setting == "auto" else setting
+    count = max(wanted, 1)
+    asked = f"pipeline.num_replicas={count} x num_stages={num_stages}" if count > 1 else \
+        f"pipeline.num_stages={num_stages}"
     for resource, need in bundle.items():
-        have = total.get(resource, 0)
-        if have < need * num_stages:
+        if total.get(resource, 0) < need * num_stages * count:
             raise PlacementError(
-                f"pipeline.num_stages={num_stages} needs {need * num_stages:g} {resource} "
-                f"but the cluster has {describe_resources(total)}. "
-                "Lower pipeline.num_stages (or pipeline.cpus_per_stage), or add nodes."
+                f"{asked} needs {need * num_stages * count:g} {resource} but the cluster has "
+                f"{describe_resources(total)}. Lower {'pipeline.num_replicas, ' if count > 1 else ''}"
+                "pipeline.num_stages (or pipeline.cpus_per_stage), or add nodes."
             )
-    return [dict(bundle) for _ in range(num_stages)]
+    return count
 
 
-def reserve(bundles: list[dict], timeout_s: float, strategy: str = "PACK"):
-    """A ready placement group for `bundles`, or PlacementError after `timeout_s`."""
+def targets(rooms: dict[str, int], num_stages: int, num_replicas: int) -> list[str | None]:
+    """The node each replica is held on (`rooms`: node id -> stages it can hold), spreading the
+    replicas over the nodes: each goes to the node with the fewest replicas so far among those
+    with room for all its stages (the most room first); None where no node has room left."""
+    left, given = dict(rooms), dict.fromkeys(rooms, 0)
+    chosen = []
+    for _ in range(num_replicas):
+        fit = [node for node, room in left.items() if room >= num_stages]
+        node = min(fit, key=lambda n: (given[n], -left[n], n)) if fit else None
+        if node is not None:
+            left[node] -= num_stages
+            given[node] += 1
+        chosen.append(node)
+    return chosen
+
+
+def probe_gpu_memory(timeout_s: float) -> int | None:
+    """The memory of one GPU of the cluster, read by a task on a GPU node (None where torch sees
+    no GPU there, as with the fake GPUs of a test cluster)."""
+    import ray
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def total_memory():
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+    ref = total_memory.remote()
+    ready, _ = ray.wait([ref], timeout=timeout_s)
+    if not ready:
+        ray.cancel(ref)
+        raise PlacementError(f"no GPU of the cluster answered within {timeout_s:g} s to tell its memory; "
+                             "set pipeline.gpu_memory_gib, or free a GPU.")
+    return ray.get(ref)
+
+
+def node_rooms(bundle: dict) -> dict[str, int]:
+    """Alive node id -> how many stage bundles it can hold."""
+    import ray
+
+    return {n["NodeID"]: fits(n["Resources"], bundle) for n in ray.nodes() if n.get("Alive")}
+
+
+def reserve_replicas(num_replicas: int, num_stages: int, bundle: dict, placement: str,
+                     timeout_s: float) -> list[tuple]:
+    """One ready placement group per replica, as (group, strategy, target node or None), all
+    asked for at once; PlacementError after `timeout_s` if they do not all fit."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    group = placement_group(bundles, strategy=strategy)
+    chosen = targets(node_rooms(bundle), num_stages, num_replicas) if placement == "auto" else [None] * num_replicas
+    strategies = [strategy_for(placement, target) for target in chosen]
+    groups = [(placement_group([dict(bundle)] * num_stages, strategy=strategy, _soft_target_node_id=target),
+               strategy, target) for strategy, target in zip(strategies, chosen)]
+    ready, _ = ray.wait([group.ready() for group, _, _ in groups], num_returns=len(groups), timeout=timeout_s)
+    if len(ready) < len(groups):
+        for group, _, _ in groups:
+            remove_placement_group(group)
+        raise PlacementError(not_placed(f"{num_replicas} replica(s) of {num_stages} stage bundles {bundle}",
+                                        ",".join(sorted(set(strategies))), timeout_s))
+    return groups
+
+
+def not_placed(what: str, strategy: str, timeout_s: float) -> str:
+    import ray
+
+    return (f"the cluster could not fit {what} with strategy {strategy} within {timeout_s:g} s; it has "
+            f"{describe_resources(ray.cluster_resources())}, available now: "
+            f"{describe_resources(ray.available_resources())}. "
+            "Free resources, lower pipeline.num_replicas or pipeline.num_stages, or add nodes.")
+
+
+def strategy_for(placement: str, target: str | None) -> str:
+    """Ray's strategy for one replica: under auto, STRICT_PACK on its node when it has one, else
+    SPREAD, so a stage per node is placed without waiting for a node that never comes."""
+    if placement != "auto":
+        return STRATEGIES[placement]
+    return "STRICT_PACK" if target else "SPREAD"
+
+
+def reserve(bundles: list[dict], timeout_s: float, strategy: str = "PACK", target: str | None = None):
+    """A ready placement group for `bundles` (on node `target` if it can, for STRICT_PACK), or
+    PlacementError after `timeout_s`."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group(bundles, strategy=strategy, _soft_target_node_id=target)
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)
-        raise PlacementError(
-            f"the cluster could not fit {len(bundles)} stage bundles {bundles[0]} with strategy "
-            f"{strategy} within {timeout_s:g} s; it has {describe_resources(ray.cluster_resources())}, "
-            f"available now: {describe_resources(ray.available_resources())}. "
-            "Free resources, lower pipeline.num_stages, or add nodes."
-        )
+        raise PlacementError(not_placed(f"{len(bundles)} stage bundles {bundles[0]}", strategy, timeout_s))
     return group
 
 
@@ -110,24 +198,10 @@ def fits(resources: dict, bundle: dict) -> int:
     return int(min(resources.get(key, 0) // need for key, need in bundle.items() if need > 0))
 
 
-def choose_strategy(bundles: list[dict], placement: str) -> str:
-    """Ray's placement strategy for the stages under `pipeline.placement`.
-
-    auto: PACK when one node can hold every stage (activations stay on the node),
-    else SPREAD, so a stage per node is placed without waiting for a node that never comes.
-    """
-    if placement != "auto":
-        return STRATEGIES[placement]
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    best = max((fits(resources, bundles[0]) for resources in nodes), default=0)
-    return "PACK" if best >= len(bundles) else "SPREAD"
-
-
-def describe_placement(plan: list, strategy: str) -> str:
-    """Where each stage (a StageRecord) landed, one line per stage, as logged once stages are loaded."""
-    lines = [f"placement {strategy}:"]
+def describe_placement(plan: list) -> str:
+    """Where each stage (a StageRecord) of each replica landed, one line per actor."""
+    replicas = len({stage.replica for stage in plan})
+    lines = [f"placement: {replicas} replica(s) x {len(plan) // max(replicas, 1)} stage(s)"]
     for stage in plan:
         gpu = stage.cuda_visible_devices
         lines.append(

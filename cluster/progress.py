@@ -25,11 +25,14 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """Counts committed micro-batches of this session (`tokens` maps index -> tokens)."""
+    """Counts committed micro-batches of this session (`tokens` maps index -> tokens); with
+    several `replicas` (cluster.dispatch.Replica, which count their own committed tokens) the
+    line ends with each one's tokens/s."""
 
     def __init__(self, tokens: dict[int, int], quiet: bool = False, stream=None,
-                 every_s: float = 5.0, clock=time.perf_counter):
+                 every_s: float = 5.0, clock=time.perf_counter, replicas: list | None = None):
         self.tokens = tokens
+        self.replicas = replicas or []
         self.total = sum(tokens.values())
         self.done = 0
         self.batches = 0
@@ -53,9 +56,12 @@ class Progress:
         left = self.eta_s()
         eta = duration(left) if left != float("inf") else "?"
         fraction = self.done / self.total if self.total else 1.0
-        return (f"extract {bar(fraction)} {100 * fraction:5.1f}%  "
+        line = (f"extract {bar(fraction)} {100 * fraction:5.1f}%  "
                 f"{self.batches}/{len(self.tokens)} micro-batches  {self.done}/{self.total} tokens  "
                 f"{rate:,.0f} tokens/s  ETA {eta}")
+        if len(self.replicas) > 1:
+            line += "  (" + " ".join(f"r{r.index} {r.tokens / elapsed:,.0f}" for r in self.replicas) + ")"
+        return line
 
     def update(self, indices: list[int]) -> None:
         """Count newly committed micro-batches and show the line when due."""

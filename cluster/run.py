@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,8 +23,12 @@ from analysis.pool import EarlyStart, wanted
 from cluster import placement
 from cluster.config import RunConfig
 from cluster.data import load_texts, pack_sequences, shuffle_documents
-from cluster.ledger import Ledger, new_record, open_ledger
-from cluster.plan import PlanError, describe, plan_micro_batches, plan_stages, stage_bytes
+from cluster.ledger import Ledger, new_record, open_ledger, previous
+from cluster.dispatch import Dispatcher, StageLost
+from cluster.executor import Hardware, make_executor
+from cluster.pipeline import StageStartError
+from cluster.plan import PlanError, plan_micro_batches
+from cluster.shape import Activations, Shape, activations, check_fits, describe, fewest_stages, fixed_shape
 from cluster.progress import Progress
 from cluster.tiny_model import build_tiny
 from common import files
@@ -35,14 +40,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Prepared:
-    """Everything known before the cluster is touched."""
+    """Everything known before the stages load: the model, the tokens, and (once the hardware is
+    known: `plan_shape`) the stages of one pipeline."""
 
     model_path: str
     model_config: object
     anatomy: Anatomy
     tokens: torch.Tensor        # [num_sequences, seq_len]
-    stages: list[range]
-    stage_bytes: list[int]
+    shape: Shape | None = None
+
+    @property
+    def stages(self) -> list[range]:
+        return self.shape.stages
+
+    @property
+    def stage_bytes(self) -> list[int]:
+        return self.shape.weights
 
 
 def model_path(config: RunConfig) -> str:
@@ -53,7 +66,7 @@ def model_path(config: RunConfig) -> str:
 
 
 def prepare(config: RunConfig) -> Prepared:
-    """Resolve the checkpoint, tokenize the data and plan the stages."""
+    """Resolve the checkpoint and tokenize the data; plan the stages when their number is given."""
     path = model_path(config)
     model_config = load_config(path)
     body = anatomy(path, model_config, config.model.dtype, config.model.experts_implementation, config.capture)
@@ -74,17 +87,48 @@ def prepare(config: RunConfig) -> Prepared:
         tokenizer, texts, config.data.num_sequences, config.data.seq_len,
         source=f"data.source={config.data.source!r}",
     )
-    layer_bytes = list(body.layer_bytes)
-    stages = plan_stages(layer_bytes, config.pipeline.num_stages, body.embed_bytes)
-    return Prepared(path, model_config, body, tokens, stages,
-                    stage_bytes(stages, layer_bytes, body.embed_bytes, body.shared_bytes))
+    prepared = Prepared(path, model_config, body, tokens)
+    if config.pipeline.num_stages != "auto":
+        prepared.shape = plan_shape(config, prepared, Hardware(gpus=0, gpu_bytes=None))
+    return prepared
 
 
-def stage_specs(config: RunConfig, prepared: Prepared, output: str) -> list[StageSpec]:
+def headroom(config: RunConfig, prepared: Prepared) -> Activations:
+    """What one micro-batch occupies on a stage besides its weights (cluster/shape.py)."""
+    sites = 2 + config.capture.residual
+    return activations(text_config(prepared.model_config), prepared.anatomy.dtype,
+                       config.pipeline.micro_batch_size, config.data.seq_len, sites)
+
+
+def plan_shape(config: RunConfig, prepared: Prepared, hardware: Hardware) -> Shape:
+    """The stages of one pipeline for `hardware`: `pipeline.num_stages`, or under `auto` the fewest
+    that fit one GPU; refused in one line if they cannot fit."""
+    body, stages = prepared.anatomy, config.pipeline.num_stages
+    sizes = (list(body.layer_bytes), body.embed_bytes, body.shared_bytes)
+    if stages != "auto":
+        shape = fixed_shape(*sizes, stages, headroom(config, prepared))
+    elif hardware.gpu_bytes:
+        shape = fewest_stages(*sizes, hardware.gpu_bytes, headroom(config, prepared))
+    elif hardware.gpus:
+        raise PlanError("pipeline.num_stages=auto needs the memory of one GPU, and torch on the cluster's GPU "
+                        "node sees no GPU; set pipeline.gpu_memory_gib.")
+    else:  # CPU stages: one process holds the model, as a plain forward would
+        shape = fixed_shape(*sizes, 1, headroom(config, prepared))
+    weights = f"weights: the {body.quantization} release loaded dequantized to {body.dtype}" \
+        if body.quantization else "weights"
+    check_fits(shape, hardware.gpu_bytes, hardware.gpus, auto=stages == "auto", weights=weights)
+    return replace(shape, gpu_bytes=hardware.gpu_bytes if hardware.gpus else None)
+
+
+def stage_specs(config: RunConfig, prepared: Prepared, output: str, replica: int = 0,
+                local: bool = False) -> list[StageSpec]:
+    """One replica's stages. A stage actor runs as many torch threads as it has CPUs; stages
+    chained in one process (`local`) leave torch's own count, unless threads_per_stage says."""
     pipe = config.pipeline
     return [
         StageSpec(
             index=index,
+            replica=replica,
             shard=ShardSpec(
                 prepared.model_path, layers, prepared.anatomy.dtype,
                 config.model.experts_implementation, config.model.attn_implementation,
@@ -93,7 +137,7 @@ def stage_specs(config: RunConfig, prepared: Prepared, output: str) -> list[Stag
             device=pipe.device,
             write_depth=pipe.write_depth,
             writer=pipe.writer,
-            num_threads=pipe.threads_per_stage or max(1, int(pipe.cpus_per_stage)),
+            num_threads=pipe.threads_per_stage or (None if local else max(1, int(pipe.cpus_per_stage))),
             last=index == len(prepared.stages) - 1,
             warm_up=(pipe.micro_batch_size, config.data.seq_len),
             storage=config.storage.mode,
@@ -123,20 +167,6 @@ def write_tokens(layout: RunLayout, tokens: torch.Tensor) -> None:
         "token_id": pa.array(tokens.reshape(-1).int().numpy())}))
 
 
-def place_stages(config: RunConfig, prepared: Prepared, ledger: Ledger):
-    """Connect to Ray and reserve one bundle per stage; returns (group, bundles)."""
-    import ray
-
-    pipe = config.pipeline
-    how = placement.connect()
-    log.info("ray: %s a cluster with %s", how, placement.describe_resources(ray.cluster_resources()))
-    bundles = placement.stage_bundles(len(prepared.stages), pipe.cpus_per_stage, pipe.device)
-    strategy = placement.choose_strategy(bundles, pipe.placement)
-    group = placement.reserve(bundles, pipe.placement_timeout_s, strategy)
-    ledger.record.placement = {"strategy": strategy, "bundle_nodes": placement.bundle_nodes(group)}
-    return group, bundles
-
-
 def expected_table_bytes(config: RunConfig, prepared: Prepared) -> int:
     """About how many bytes of tables the run will write (dense: every value at 2 or 4 bytes;
     exceedances: the per-dim statistics alone, the kept entries being unknown in advance)."""
@@ -156,40 +186,35 @@ def early_analysis(config: RunConfig, prepared: Prepared, progress: Progress) ->
     return EarlyStart(settings.num_actors, progress.eta_s)
 
 
-def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, quiet: bool = False) -> EarlyStart | None:
-    """Place the stages, load them and run every uncommitted micro-batch through them; returns
+def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, runner, quiet: bool = False) -> EarlyStart | None:
+    """Load the placed replicas' stages and run every uncommitted micro-batch through them; returns
     the scan actors' early start, if the run wants them (closed here if the extraction fails)."""
-    import ray
-
-    from cluster.pipeline import StageLost, StageStartError, drive, loaded, start_stages
-
-    timings = ledger.record.timings
-    mark = time.perf_counter()
-    group, bundles = place_stages(config, prepared, ledger)
-    timings["cluster_start_s"] = time.perf_counter() - mark
-    specs = stage_specs(config, prepared, config.storage.output)
-    names = [spec.name for spec in specs]
-    stages, early = [], None
+    timings, replicas = ledger.record.timings, len({entry.replica for entry in ledger.record.plan})
+    todo = micro_batches(prepared.tokens, config.pipeline.micro_batch_size, ledger.record.committed())
+    specs = [stage_specs(config, prepared, config.storage.output, r, local=runner.kind == "local")
+             for r in range(replicas)]
+    log.info("%s", describe(prepared.shape, replicas))
+    early = None
     try:
         mark = time.perf_counter()
-        stages = start_stages(specs, group, bundles)
-        ledger.placed(loaded(stages, specs), names)
+        ledger.placed(runner.start(specs))
         timings["load_s"] = time.perf_counter() - mark
-        log.info("%s", placement.describe_placement(ledger.record.plan, ledger.record.placement["strategy"]))
+        log.info("%s", placement.describe_placement(ledger.record.plan))
 
         mark = time.perf_counter()
-        todo = micro_batches(prepared.tokens, config.pipeline.micro_batch_size, ledger.record.committed())
-        progress = Progress({b.index: int(b.attention_mask.sum()) for b in todo}, quiet=quiet)
-        early = early_analysis(config, prepared, progress)
+        tokens = {b.index: int(b.attention_mask.sum()) for b in todo}
+        dispatcher = Dispatcher(list(tokens), replicas, len(prepared.stages), runner.in_flight(len(prepared.stages)),
+                                tokens=tokens)
+        progress = Progress(tokens, quiet=quiet, replicas=dispatcher.replicas)
+        early = early_analysis(config, prepared, progress) if runner.kind == "ray" else None
         commit = progress.wrap(ledger.commit)
         if early:
             commit = early.after(commit)
-        drive(stages, todo, config.pipeline.in_flight, commit, revive_timeout_s=config.pipeline.placement_timeout_s)
+        runner.run(todo, dispatcher, commit)
         timings["extract_s"] = time.perf_counter() - mark
-        # Stages restarted after a fault may now live elsewhere: record where they ended.
-        ray.get([s.close.remote() for s in stages])
-        ledger.placed(ray.get([s.info.remote() for s in stages]), names)
-        ledger.record.stage_stats = ray.get([s.stats.remote() for s in stages])
+        ledger.record.placement["dropped"] = [r.index for r in dispatcher.replicas if r.state == "dropped"]
+        infos, ledger.record.stage_stats = runner.finish()
+        ledger.placed(infos)
     except BaseException as err:
         if early:
             early.close()
@@ -197,40 +222,55 @@ def extract(config: RunConfig, prepared: Prepared, ledger: Ledger, quiet: bool =
             ledger.record.status = "stopped"
             ledger.save()
         raise
-    finally:
-        for stage in stages:
-            ray.kill(stage)
-        ray.util.remove_placement_group(group)
     return early
 
 
-def execute(config: RunConfig, resume: bool = False, quiet: bool = False) -> dict:
-    """Run extraction and analysis; returns {"record": RunRecord, "summary": dict}."""
+def execute(config: RunConfig, resume: bool = False, quiet: bool = False, executor: str = "ray",
+            visual: bool = True) -> dict:
+    """Run extraction and analysis on `executor` ("ray" or "local"), with the plots and report.html
+    unless not `visual`; returns {"record": RunRecord, "summary": dict}."""
     from analysis import analyse
 
     started = time.perf_counter()
     prepared = prepare(config)
     layout = RunLayout.of(config.storage.output)
+    runner = make_executor(executor, config.pipeline)
     with layout.lock():
-        ledger = open_ledger(layout, new_record(config, prepared), resume)
-        write_tokens(layout, prepared.tokens)
-        log.info("model %s (%d layers, hidden %d)", prepared.model_path, ledger.record.num_layers,
-                 ledger.record.hidden_size)
-        log.info("%s", describe(prepared.stages, prepared.stage_bytes))
-        early = extract(config, prepared, ledger, quiet)
-
-        # NOTE: analysis_s ends when summary.json is written; the plots after it are report_s.
-        timings, mark = ledger.record.timings, time.perf_counter()
-        summarised = lambda _: timings.update(analysis_s=time.perf_counter() - mark)  # noqa: E731
+        old = previous(layout, config.to_dict(), resume)  # a taken output is refused before the cluster starts
         try:
-            summary = analyse(config.storage.output, config.analysis.criteria(), config.analysis.num_actors,
-                              pool=early.pool if early else None, on_summary=summarised)
+            mark = time.perf_counter()
+            prepared.shape = plan_shape(config, prepared, runner.hardware(config.pipeline.num_stages == "auto"))
+            done = old.committed() if old else set()
+            todo = len(plan_micro_batches(len(prepared.tokens), config.pipeline.micro_batch_size)) - len(done)
+            replicas = runner.place(len(prepared.stages), todo)  # reserved before any record is written
+            cluster_s = time.perf_counter() - mark
+            ledger = open_ledger(layout, new_record(config, prepared), resume)
+            ledger.replicate(replicas, runner.placement)
+            ledger.record.timings["cluster_start_s"] = cluster_s
+            write_tokens(layout, prepared.tokens)
+            log.info("model %s (%d layers, hidden %d)", prepared.model_path, ledger.record.num_layers,
+                     ledger.record.hidden_size)
+            early = extract(config, prepared, ledger, runner, quiet)
         finally:
-            if early:
-                early.close()
-        timings["report_s"] = time.perf_counter() - mark - timings["analysis_s"]
-        timings["total_s"] = time.perf_counter() - started
-        ledger.record.status = "complete"
-        ledger.save()
+            runner.close()
+        summary = analyse_run(config, ledger, early, partial(analyse, visual=visual), started)
     record: RunRecord = ledger.record
     return {"record": record, "summary": summary}
+
+
+def analyse_run(config: RunConfig, ledger: Ledger, early: EarlyStart | None, analyse, started: float) -> dict:
+    """The analysis of the extracted run, its timings recorded and the run marked complete."""
+    # NOTE: analysis_s ends when summary.json is written; the plots after it are report_s.
+    timings, mark = ledger.record.timings, time.perf_counter()
+    summarised = lambda _: timings.update(analysis_s=time.perf_counter() - mark)  # noqa: E731
+    try:
+        summary = analyse(config.storage.output, config.analysis.criteria(), config.analysis.num_actors,
+                          pool=early.pool if early else None, on_summary=summarised)
+    finally:
+        if early:
+            early.close()
+    timings["report_s"] = time.perf_counter() - mark - timings["analysis_s"]  # 0 without the visual report
+    timings["total_s"] = time.perf_counter() - started
+    ledger.record.status = "complete"
+    ledger.save()
+    return summary

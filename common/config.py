@@ -59,8 +59,15 @@ def _convert(hint, value, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _convert(inner[0], value, key)
+        for option in inner:  # e.g. `int | str` for a count or "auto": the first that takes it
+            try:
+                return _convert(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}={value!r}: expected {' or '.join(a.__name__ for a in inner)}.")
     if dataclasses.is_dataclass(hint):
         return build(hint, value, key)
     if origin in (tuple, list):

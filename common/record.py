@@ -22,11 +22,12 @@ MODES = ("dense", "exceedances")
 
 @dataclass
 class StageRecord:
-    """One stage of the plan, and where it ran once loaded."""
+    """One stage of one replica of the plan, and where it ran once loaded."""
 
     stage: int
     layers: list[int]            # [first, stop)
     param_bytes: int
+    replica: int = 0
     name: str | None = None
     node: str | None = None      # hostname
     node_id: str | None = None   # Ray node id

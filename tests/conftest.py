@@ -89,25 +89,19 @@ def free_port() -> int:
 
 
 def run_stages(model_path, dtype, out, ids, mask, num_layers=6, num_stages=2, micro_batch=2, **spec):
-    """Capture every layer through in-process stages, micro-batch by micro-batch; returns them."""
+    """Capture every layer through stages chained in this process (the local executor),
+    micro-batch by micro-batch; returns the stages."""
     from actors.shard import ShardSpec
-    from actors.stage import StageActor, StageSpec
+    from actors.stage import StageSpec
     from actors.batch import MicroBatch
-    from cluster.plan import plan_stages
+    from cluster.executor import run_chain
+    from cluster.plan import plan_micro_batches, plan_stages
 
-    stages = [
-        StageActor(StageSpec(i, ShardSpec(model_path, layers, dtype), str(out),
-                             last=i == num_stages - 1, **spec))
-        for i, layers in enumerate(plan_stages([1] * num_layers, num_stages))
-    ]
-    for index, start in enumerate(range(0, len(ids), micro_batch)):
-        rows = slice(start, start + micro_batch)
-        batch = MicroBatch(index, list(range(start, min(start + micro_batch, len(ids)))), ids[rows], mask[rows])
-        for stage in stages:
-            batch, _ = stage.forward(batch)
-    for stage in stages:
-        stage.flush()
-    return stages
+    specs = [StageSpec(i, ShardSpec(model_path, layers, dtype), str(out), last=i == num_stages - 1, **spec)
+             for i, layers in enumerate(plan_stages([1] * num_layers, num_stages))]
+    batches = [MicroBatch(index, list(rows), ids[rows.start:rows.stop], mask[rows.start:rows.stop])
+               for index, rows in enumerate(plan_micro_batches(len(ids), micro_batch))]
+    return run_chain(specs, batches).stages
 
 
 def in_process_run(model_path, dtype, out, ids, mask, num_layers=6, num_stages=2, micro_batch=2, **spec):
@@ -233,20 +227,12 @@ def fault_config(model: str, output, num_sequences: int = 12) -> dict:
 
 @pytest.fixture(scope="session")
 def fault_free_run(planted_checkpoint, tmp_path_factory):
-    """Tables of `fault_config` from the same stages chained in-process: no Ray, no faults."""
-    from actors.stage import StageActor
+    """Tables of `fault_config` from the local executor: one process, no Ray, no faults."""
     from cluster.config import load_config
-    from cluster.run import micro_batches, prepare, stage_specs
+    from cluster.run import execute
 
     output = tmp_path_factory.mktemp("fault_free") / "run"
-    config = load_config(fault_config(planted_checkpoint, output))
-    prepared = prepare(config)
-    stages = [StageActor(spec) for spec in stage_specs(config, prepared, str(output))]
-    for batch in micro_batches(prepared.tokens, config.pipeline.micro_batch_size, skip=set()):
-        for stage in stages:
-            batch, _ = stage.forward(batch)
-    for stage in stages:
-        stage.flush()
+    execute(load_config(fault_config(planted_checkpoint, output)), quiet=True, executor="local")
     return output
 
 

@@ -84,7 +84,7 @@ def test_busy_cluster_times_out_instead_of_hanging(capsys, tmp_path, ray_cluster
     ray.get(hog.ready())
     try:
         fails_with(capsys, ["--set", "pipeline.placement_timeout_s=3", "--output", str(tmp_path / "run")],
-                   "could not fit 2 stage bundles")
+                   "could not fit 1 replica(s) of 2 stage bundles")
     finally:
         remove_placement_group(hog)
 

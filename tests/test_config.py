@@ -53,7 +53,8 @@ def test_model_path_override_replaces_the_tiny_model():
 @pytest.mark.parametrize("overrides, message", [
     (["pipline.num_stages=2"], r"unknown key\(s\) \['pipline'\] at the top level; valid keys: \['analysis', 'capture', 'data', 'model', 'pipeline', 'storage'\]"),
     (["pipeline.num_stage=2"], r"unknown key\(s\) \['num_stage'\] in pipeline; valid keys: .*'num_stages'"),
-    (["pipeline.num_stages=two"], r"pipeline.num_stages='two': expected int"),
+    (["pipeline.num_stages=two"], r"pipeline.num_stages='two': give a whole number, or 'auto'"),
+        (["pipeline.num_replicas=1.5"], r"pipeline.num_replicas=1.5: expected int or str"),
     (["pipeline.num_stages=0"], r"pipeline.num_stages=0: must be at least 1"),
     (["data.seq_len=true"], r"data.seq_len=True: expected int"),
     (["model.dtype=fp8"], r"model.dtype='fp8': choose one of \['auto', 'float32', 'bfloat16', 'float16'\]"),

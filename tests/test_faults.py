@@ -82,11 +82,29 @@ def test_a_killed_stage_is_restarted_and_loses_nothing(ray_cluster, fault_free_r
     finally:
         faults_file.write_text("[]")
     assert marker.exists(), "the stage was never killed"
-    assert "re-running micro-batches" in caplog.text
+    assert "will run again" in caplog.text and "every stage answers again" in caplog.text
     record = stored_record(tmp_path / "run")
     assert record.status == "complete" and record.committed() == set(range(12))
     rows = assert_same_tables(tmp_path / "run", fault_free_run)
     assert rows == 12 * 32 * 12  # tokens x layer-sites
+
+
+def test_a_stage_killed_in_one_replica_loses_nothing_and_the_other_replica_goes_on(
+        ray_cluster, fault_free_run, planted_checkpoint, faults_file, tmp_path, caplog):
+    marker = tmp_path / "killed"
+    faults_file.write_text(json.dumps([{"kind": "kill", "stage": 1, "replica": 1, "once": str(marker)}]))
+    config = fault_config(planted_checkpoint, tmp_path / "run")
+    config["pipeline"].update(num_replicas=2, cpus_per_stage=1)
+    try:
+        execute(load_config(config), quiet=True)
+    finally:
+        faults_file.write_text("[]")
+    assert marker.exists(), "the stage was never killed"
+    assert "r1: a stage was lost" in caplog.text and "will run again" in caplog.text
+    record = stored_record(tmp_path / "run")
+    assert record.status == "complete" and record.committed() == set(range(12))
+    assert assert_same_tables(tmp_path / "run", fault_free_run) == 12 * 32 * 12
+    assert record.stage_stats[0]["micro_batches"] > 0  # r0 ran micro-batches while r1 came back
 
 
 def test_a_killed_driver_resumes_to_the_same_tables(fault_free_run, planted_checkpoint, tmp_path):

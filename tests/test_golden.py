@@ -1,7 +1,7 @@
 """The golden test: split-pipeline captures equal a single-process forward, bit for bit.
 
-Stages run in-process here (plain StageActor objects chained by hand); the same
-comparison through Ray and the CLI lives in tests/test_run.py.
+Stages run in-process here (the local executor: the same StageActor classes chained in one
+process); the same comparison through Ray and the CLI lives in tests/test_run.py.
 """
 
 from __future__ import annotations
@@ -189,6 +189,7 @@ def test_dtype_auto_runs_a_checkpoint_in_its_own_dtype(tiny_checkpoint, tmp_path
 
     from cluster.config import load_config
     from cluster.ledger import new_record
+    from cluster.executor import run_chain
     from cluster.run import micro_batches, prepare, stage_specs
 
     path = tiny_checkpoint("qwen3_moe", dtype="bfloat16")
@@ -198,12 +199,7 @@ def test_dtype_auto_runs_a_checkpoint_in_its_own_dtype(tiny_checkpoint, tmp_path
     assert config.model.dtype == "auto"
     prepared = prepare(config)
     assert prepared.anatomy.dtype == "bfloat16" and new_record(config, prepared).dtype == "bfloat16"
-    stages = [StageActor(spec) for spec in stage_specs(config, prepared, str(tmp_path))]
-    for batch in micro_batches(prepared.tokens, 2, skip=set()):
-        for stage in stages:
-            batch, _ = stage.forward(batch)
-    for stage in stages:
-        stage.flush()
+    run_chain(stage_specs(config, prepared, str(tmp_path), local=True), micro_batches(prepared.tokens, 2, skip=set()))
     expected = reference_activations(path, "auto", prepared.tokens, torch.ones_like(prepared.tokens), 2)
     for layer in range(6):
         for site in SITES:

@@ -48,6 +48,8 @@ def scrape(url: str) -> dict:
         if match := SAMPLE.match(line):
             name, labels, value = match.groups()
             stage = re.search(r'stage="([^"]*)"', labels).group(1)
+            replica = re.search(r'replica="(\d+)"', labels).group(1)
+            assert stage.startswith(f"r{replica}/"), (stage, replica)  # the replica tag names the actor's
             found[name][stage] += float(value)
     return found
 

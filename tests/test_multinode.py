@@ -35,8 +35,8 @@ def three_nodes():
     cluster.shutdown()
 
 
-def run(checkpoint: str, output, num_stages: int) -> dict:
-    config = load_config(run_config(checkpoint, output, pipeline={"num_stages": num_stages},
+def run(checkpoint: str, output, num_stages: int, num_replicas: int | str = "auto") -> dict:
+    config = load_config(run_config(checkpoint, output, pipeline={"num_stages": num_stages, "num_replicas": num_replicas},
                                     analysis={"num_actors": 1}))
     return execute(config, quiet=True)["record"]
 
@@ -44,20 +44,20 @@ def run(checkpoint: str, output, num_stages: int) -> dict:
 def test_three_stages_spread_one_per_node_and_match_one_node(three_nodes, planted_checkpoint, tmp_path):
     import ray
 
-    spread = run(planted_checkpoint, tmp_path / "spread", 3)
+    spread = run(planted_checkpoint, tmp_path / "spread", 3)  # auto: 3 GPUs hold one replica of 3 stages
     nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(nodes) == 3
-    assert spread.placement["strategy"] == "SPREAD"
+    assert spread.placement["strategy"] == "SPREAD"  # no node holds the 3 stages
     placed = [stage.node_id for stage in spread.plan]
     assert set(placed) == nodes  # one stage on each node
     assert placed == spread.placement["bundle_nodes"]  # where the plan said
     assert [stage.cuda_visible_devices for stage in spread.plan] == ["0", "0", "0"]
     assert [stage.name for stage in spread.plan] == [
-        "stage-0 [layers 0-1]", "stage-1 [layers 2-3]", "stage-2 [layers 4-5]"]
+        "r0/stage-0 [layers 0-1]", "r0/stage-1 [layers 2-3]", "r0/stage-2 [layers 4-5]"]
     assert stored_record(tmp_path / "spread") == spread
 
-    single = run(planted_checkpoint, tmp_path / "single", 1)
-    assert single.placement["strategy"] == "PACK"
+    single = run(planted_checkpoint, tmp_path / "single", 1, num_replicas=1)
+    assert single.placement["strategy"] == "STRICT_PACK" and len(single.plan) == 1
     for layer in range(6):
         for site in SITES:
             ours, theirs = read_site(tmp_path / "spread", layer, site), read_site(tmp_path / "single", layer, site)
@@ -73,4 +73,4 @@ def test_strict_spread_beyond_the_nodes_times_out_with_the_resources(three_nodes
 
     bundles = [{"CPU": 0.1}] * 4
     with pytest.raises(placement.PlacementError, match="STRICT_SPREAD.*nodes: 3"):
-        placement.reserve(bundles, 3, placement.choose_strategy(bundles, "strict_spread"))
+        placement.reserve(bundles, 3, placement.strategy_for("strict_spread", None))

@@ -114,25 +114,23 @@ def test_output_holding_another_run_is_refused(ray_cluster, tiny_checkpoint, tmp
 
 def test_stage_actors_are_named_like_the_plan(ray_cluster, tiny_checkpoint, tmp_path):
     import ray
-    from ray.util.placement_group import remove_placement_group
 
-    from cluster import placement
-    from cluster.pipeline import start_stages
+    from cluster.executor import RayExecutor
     from cluster.run import prepare, stage_specs
 
-    config = load_config(run_config(tiny_checkpoint("qwen3_moe"), tmp_path / "run", pipeline={"num_stages": 3}))
+    config = load_config(run_config(tiny_checkpoint("qwen3_moe"), tmp_path / "run",
+                                    pipeline={"num_stages": 3, "num_replicas": 2, "cpus_per_stage": 0.5}))
     prepared = prepare(config)
-    bundles = placement.stage_bundles(3, 1.0, "auto")
-    group = placement.reserve(bundles, 30)
-    stages = start_stages(stage_specs(config, prepared, str(tmp_path / "run")), group, bundles)
+    runner = RayExecutor(config.pipeline)
     try:
-        ray.get([stage.info.remote() for stage in stages])
-        names = sorted(n for n in ray.util.list_named_actors() if n.startswith("stage-"))
-        assert names == ["stage-0 [layers 0-1]", "stage-1 [layers 2-3]", "stage-2 [layers 4-5]"]
+        runner.hardware()
+        assert runner.place(3, batches=3) == 2
+        infos = runner.start([stage_specs(config, prepared, str(tmp_path / "run"), r) for r in range(2)])
+        names = sorted(n for n in ray.util.list_named_actors() if "/stage-" in n)
+        assert names == sorted(info["name"] for info in infos) == [
+            f"r{r}/stage-{s} [layers {2 * s}-{2 * s + 1}]" for r in range(2) for s in range(3)]
     finally:
-        for stage in stages:
-            ray.kill(stage)
-        remove_placement_group(group)
+        runner.close()
 
 
 def test_exceedance_run_resumed_with_another_split_counts_nothing_twice(ray_cluster, planted_checkpoint, tmp_path):

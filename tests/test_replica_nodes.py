@@ -1,0 +1,92 @@
+"""Replicas over several raylets on one machine (`ray.cluster_utils.Cluster`, fake GPUs):
+4 nodes of 2 GPUs and 2 stages make 4 replicas, one per node; a node lost mid-run leaves the
+run finished by the other three, with the fault-free tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from actors import faults
+from cluster.config import load_config
+from cluster.run import execute
+from common.layout import RunLayout
+from tests.conftest import fault_config, stored_record
+from tests.test_faults import assert_same_tables, wait_for_commits
+
+NODE = {"num_cpus": 1, "num_gpus": 2, "object_store_memory": 80 * 2**20}
+
+
+@pytest.fixture(scope="module")
+def four_nodes(tmp_path_factory):
+    """Head (CPU only) + 4 two-GPU nodes; stage 0 is slowed so a node loss lands mid-run."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    slow = tmp_path_factory.mktemp("slow") / "slow.json"
+    slow.write_text(json.dumps([{"kind": "delay", "stage": 0, "seconds": 0.4}]))
+    os.environ[faults.ENV] = str(slow)  # inherited by the raylets started below
+    if ray.is_initialized():
+        ray.shutdown()  # the suite's shared cluster: this module needs its own nodes
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False})
+    workers = [cluster.add_node(**NODE) for _ in range(4)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR")
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+    os.environ.pop(faults.ENV, None)
+
+
+def replica_config(checkpoint, output) -> dict:
+    config = fault_config(checkpoint, output)
+    config["pipeline"].update(device="auto", cpus_per_stage=0.25, placement_timeout_s=10)
+    config["analysis"] = {"num_actors": 1}
+    return config
+
+
+def test_auto_runs_one_replica_per_node(four_nodes, planted_checkpoint, fault_free_run, tmp_path):
+    _, workers = four_nodes
+    record = execute(load_config(replica_config(planted_checkpoint, tmp_path / "run")), quiet=True)["record"]
+    nodes = defaultdict(set)
+    for stage in record.plan:
+        nodes[stage.replica].add(stage.node_id)
+    assert len(nodes) == 4 and all(len(held) == 1 for held in nodes.values())  # a replica's stages share a node
+    assert {node for held in nodes.values() for node in held} == {w.node_id for w in workers}  # spread
+    assert {r["strategy"] for r in record.placement["replicas"]} == {"STRICT_PACK"}
+    assert sorted(s.cuda_visible_devices for s in record.plan if s.replica == 0) in (["0", "1"], ["1", "0"])
+    assert assert_same_tables(tmp_path / "run", fault_free_run) == 12 * 32 * 12
+
+
+def test_a_lost_node_leaves_the_run_to_the_other_replicas(four_nodes, planted_checkpoint, fault_free_run,
+                                                          tmp_path, caplog):
+    cluster, workers = four_nodes
+    output = tmp_path / "run"
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = execute(load_config(replica_config(planted_checkpoint, output)), quiet=True)
+        except BaseException as err:  # handed to the test thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    wait_for_commits(Path(RunLayout.of(str(output)).record), at_least=2, timeout_s=180)
+    lost = stored_record(output).plan[2 * 2].node_id  # r2's node
+    cluster.remove_node(next(w for w in workers if w.node_id == lost))
+    thread.join(timeout=240)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    record = stored_record(output)
+    assert record.status == "complete" and record.committed() == set(range(12))
+    assert record.placement["dropped"] == [2]
+    assert "could not be restarted within 10 s; going on with 3 replica(s): r0, r1, r3" in caplog.text
+    assert assert_same_tables(output, fault_free_run) == 12 * 32 * 12
+    assert len(record.stage_stats) == 6  # the three replicas that finished
