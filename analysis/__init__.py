@@ -4,7 +4,8 @@
 
 reads the run's captured block inputs (analysis.scan), forms per-dim statistics and applies
 the criteria (analysis.criteria), and writes the summary, the feature table and report.md
-(analysis.report), then the plots and report.html (analysis.html). With Ray initialised and
+(analysis.report), then the plots and report.html (analysis.html). `compute` does the same
+without writing anything (the Python API's frames). With Ray initialised and
 a run large enough to repay their start, the (layer, site) partitions are scanned by Ray
 actors (analysis.pool); smaller runs are scanned in this process.
 """
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
 from dataclasses import dataclass, fields
+from typing import Callable
+
+import polars as pl
 
 from analysis.criteria import Criteria, feature_stats, outlier_features
 from analysis.html import write_visual_report
@@ -28,7 +31,7 @@ from common.errors import ConfigError
 from common.layout import RESIDUAL, SITES, RunLayout
 from common.record import RunRecord, read_record
 
-__all__ = ["AnalysisConfig", "Criteria", "analyse", "feature_table", "run_criteria"]
+__all__ = ["Analysis", "AnalysisConfig", "Criteria", "analyse", "compute", "feature_table", "run_criteria"]
 
 
 @dataclass(frozen=True)
@@ -82,16 +85,30 @@ def run_criteria(record: RunRecord) -> Criteria:
     return run_settings(record).criteria()
 
 
-def analyse(run_dir: str, criteria: Criteria | None = None, num_actors: int = 2,
-            allow_partial: bool = False, settings: AnalysisConfig | None = None,
-            pool: ScanPool | None = None, on_summary: Callable[[dict], None] | None = None) -> dict:
-    """Analyse the run at `run_dir`, write its outputs, and return the summary dict.
+@dataclass
+class Analysis:
+    """What `compute` finds, nothing written: the summary's content and the frames it is made of."""
+
+    layout: RunLayout
+    record: RunRecord
+    criteria: Criteria
+    summary: dict
+    per_dim: pl.DataFrame       # one row per dim: every criterion's inputs
+    features: pl.DataFrame      # the dims that pass the criteria
+    view: dict                  # the MoE view's parts (analysis.view)
+    partial: Partial            # the scan's merged statistics
+    partitions: list            # the (layer, site) partitions scanned
+
+
+def compute(run_dir: str, criteria: Criteria | None = None, num_actors: int = 2, allow_partial: bool = False,
+            settings: AnalysisConfig | None = None, pool: ScanPool | None = None) -> Analysis:
+    """Analyse the run at `run_dir` without writing anything.
 
     `settings` (the MoE view's rules) and `criteria` default to the run config's analysis
     section. The scan runs on `pool`'s actors (closed after), or, with Ray initialised and
     tables of at least `scan_actors_from_mb`, on `num_actors` new ones; else in this process.
     `allow_partial` skips unreadable files and missing partitions with a warning instead of
-    failing. `on_summary` is called once summary.json is written, before the plots.
+    failing.
     """
     start = time.perf_counter()
     positive("analysis.num_actors", num_actors)
@@ -117,19 +134,35 @@ def analyse(run_dir: str, criteria: Criteria | None = None, num_actors: int = 2,
     view = moe_view(layout, record, settings, criteria, partial, features,
                     [p for p in found if p[1] == RESIDUAL])
     done = time.perf_counter()
-
     summary = build_summary(
         record, criteria, features, view, seq_len=length, partitions=len(partitions), skipped_files=partial.skipped,
         seconds={"scan": round(scanned - start, 3), "criteria": round(done - scanned, 3),
                  "total": round(done - start, 3)},
     )
-    write_outputs(layout, summary, features)
+    return Analysis(layout, record, criteria, summary, per_dim, features, view, partial, partitions)
+
+
+def analyse(run_dir: str, criteria: Criteria | None = None, num_actors: int = 2,
+            allow_partial: bool = False, settings: AnalysisConfig | None = None,
+            pool: ScanPool | None = None, on_summary: Callable[[dict], None] | None = None,
+            visual: bool = True) -> dict:
+    """`compute`, then write its outputs: the summary, the feature table and report.md, then (with
+    `visual`) the plots and report.html. `on_summary` is called once summary.json is written,
+    before the plots. Returns the summary dict."""
+    result = compute(run_dir, criteria, num_actors, allow_partial, settings, pool)
+    write_outputs(result.layout, result.summary, result.features)
     if on_summary:
-        on_summary(summary)
-    # Plots, layer profile and report.html (analysis.html); report.md gains plot links.
-    medians = median_abs(layout, record, partitions)
-    write_visual_report(layout, summary, per_dim, partial.stats, medians, view.get("experts"))
-    return summary
+        on_summary(result.summary)
+    if visual:
+        write_report(result)
+    return result.summary
+
+
+def write_report(result: Analysis) -> None:
+    """The plots, the layer profile, report.html and report.md of an analysis (analysis.html)."""
+    medians = median_abs(result.layout, result.record, result.partitions)
+    write_visual_report(result.layout, result.summary, result.per_dim, result.partial.stats, medians,
+                        result.view.get("experts"))
 
 
 def ray_running() -> bool:

@@ -23,8 +23,8 @@ from common.layout import RunLayout
 from common.record import read_record
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+def parse(argv: list[str] | None, prog: str = "python -m analysis") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("run", help="run directory (local path or URI such as s3://bucket/run)")
     parser.add_argument("--threshold", type=float, help="magnitude |x| >= T counts as outlier")
     parser.add_argument("--min-layer-fraction", type=float, help="least share of layers")
@@ -37,7 +37,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m analysis") -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:  # `python -m analysis compare RUN1 RUN2 ...`
         from analysis.compare import main as compare
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         from analysis.explain import main as explain
 
         return explain(argv[1:])
-    args = parse(argv)
+    args = parse(argv, prog)
     logs.configure(args.log_level, args.quiet)
     try:
         criteria = run_criteria(read_record(RunLayout.of(args.run)))

@@ -50,18 +50,25 @@ def figures(summary: dict, per_dim: pl.DataFrame, stats: pl.DataFrame,
     }
 
 
+def render(summary: dict, per_dim: pl.DataFrame, stats: pl.DataFrame, medians: pl.DataFrame | None,
+           maxima: pl.DataFrame | None = None) -> tuple[pl.DataFrame, dict[str, bytes], str]:
+    """The layer profile, the plots ({name: PNG}) and report.html's text, nothing written;
+    `maxima`: the per-expert maxima of the MoE view, when the run captured experts."""
+    profile = layer_profile(stats, medians)
+    images = {**figures(summary, per_dim, stats, profile), **moe_figures(summary, maxima)}
+    return profile, images, page(summary, images)
+
+
 def write_visual_report(layout: RunLayout, summary: dict, per_dim: pl.DataFrame, stats: pl.DataFrame,
                         medians: pl.DataFrame | None, maxima: pl.DataFrame | None = None) -> None:
-    """Write the layer profile, the plots, report.html and report.md with plot links; `maxima`:
-    the per-expert maxima of the MoE view, when the run captured experts."""
-    profile = layer_profile(stats, medians)
+    """Write the layer profile, the plots, report.html and report.md with plot links (`render`)."""
+    profile, images, html_text = render(summary, per_dim, stats, medians, maxima)
     files.write_table(layout.fs, layout.profile, profile.to_arrow())
     if maxima is not None:
         files.write_table(layout.fs, layout.experts, maxima.to_arrow())
-    images = {**figures(summary, per_dim, stats, profile), **moe_figures(summary, maxima)}
     for name, png in images.items():
         files.write_bytes(layout.fs, layout.plot(name), png)
-    files.write_text(layout.fs, layout.report("html"), page(summary, images))
+    files.write_text(layout.fs, layout.report("html"), html_text)
     links = "\n".join(f"![{ALL_TITLES[n]}]({layout.plot_link(n)})\n" for n in images)
     files.write_text(layout.fs, layout.report("md"), markdown(summary) + moe_markdown(summary)
                      + "\n## Plots\n\n" + links)

@@ -7,6 +7,8 @@ Parquet; report.md the criteria and the features, for people.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
+
 import polars as pl
 
 from analysis.criteria import Criteria
@@ -50,6 +52,35 @@ def build_summary(record: RunRecord, criteria: Criteria, features: pl.DataFrame,
         **extra,
         "outlier_features": rows,
     }
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The summary (summary.json) typed: its criteria and counts as fields, its lists as they are."""
+
+    criteria: Criteria
+    num_layers: int
+    hidden_size: int
+    tokens: int
+    storage_mode: str
+    num_outlier_features: int
+    by_classification: dict[str, int]
+    outlier_features: list[dict]
+    run: dict
+    super_experts: list[dict] | None = None
+    massive_activations: list[dict] | None = None
+    raw: dict = field(default_factory=dict, repr=False)  # the whole summary, every key
+
+    @classmethod
+    def of(cls, data: dict) -> Summary:
+        known = {f.name for f in fields(cls)} - {"criteria", "raw"}
+        return cls(criteria=Criteria(**data["criteria"]), raw=data,
+                   **{key: data[key] for key in known if key in data})
+
+    @property
+    def dims(self) -> list[int]:
+        """The outlier features' dims, in order."""
+        return [row["dim"] for row in self.outlier_features]
 
 
 def run_facts(record: RunRecord) -> dict:
