@@ -23,7 +23,8 @@ HERE = Path(__file__).parent
 # key, stages, storage mode, captures: the rows, then the MoE view's capture costs
 PIPELINE_ROWS = [("c1", 1, "dense", {}), ("c2", 2, "dense", {}),
                  ("d1", 1, "exceedances", {}), ("d2", 2, "exceedances", {}),
-                 ("r1", 1, "dense", {"routing": True}), ("x1", 1, "dense", {"experts": True})]
+                 ("r1", 1, "dense", {"routing": True}), ("x1", 1, "dense", {"experts": True}),
+                 ("p2", 1, "dense", {"replicas": 2})]  # 2 replicas of 1 stage, 1 CPU each
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -47,7 +48,7 @@ def one_round(work: Workload, path: str, tokens, root: Path) -> tuple[dict, dict
     seconds["b"] = legacy["seconds"]
     details = {"b": legacy}
     for key, stages, mode, capture in PIPELINE_ROWS:
-        details[key] = extract.run_rows(work, root, stages, mode, 1, capture)
+        details[key] = extract.run_rows(work, root, stages, mode, 1, capture)  # capture may hold "replicas"
         seconds[key] = details[key]["extract_s"]
         seconds[key + "_analysis"] = details[key]["analysis_s"]
     return seconds, details
@@ -67,9 +68,12 @@ def rows(rounds: list[dict], details: list[dict], analysis: dict) -> dict:
     for key, stages, mode, capture in PIPELINE_ROWS:
         bubble = statistics.median(d[key]["bubble"] for d in details if d[key]["bubble"] is not None)
         label = "dense" if mode == "dense" else f"exceedances >= {FLOOR:g}"
-        label += "".join(f", capture.{name}" for name in capture)
-        cpus = f"{CORES // stages} CPU{'s' * (CORES // stages > 1)} each" if stages > 1 else f"{CORES} CPUs"
-        table[key] = {"name": f"({key[0]}) pipeline, {stages} stage{'s' * (stages > 1)} ({cpus}), {label}",
+        label += "".join(f", capture.{name}" for name in capture if name != "replicas")
+        replicas = capture.get("replicas", 1)
+        actors = stages * replicas
+        cpus = f"{CORES // actors} CPU{'s' * (CORES // actors > 1)} each" if actors > 1 else f"{CORES} CPUs"
+        copies = f"{replicas} replicas x " if replicas > 1 else ""
+        table[key] = {"name": f"({key[0]}) pipeline, {copies}{stages} stage{'s' * (stages > 1)} ({cpus}), {label}",
                       "seconds": med(key), "bytes": last[key]["bytes"],
                       "notes": f"bubble {bubble:.0%}; its analysis_s {med(key + '_analysis'):.2f} s"}
     for mode, figures in analysis.items():
@@ -150,8 +154,13 @@ def _simulation(quick: bool) -> dict:
     from bench.simulate import MODES, simulate
 
 
+    from bench.replicas import scaling
+    from bench.replicas import table as replica_table
+
     result = simulate((2048,), (4,), MODES, micro_batches=8 if quick else 32)
     print(report.simulated(result))
+    result["replicas"] = scaling(per_replica=4 if quick else 16)
+    print(replica_table(result["replicas"]))
     return result
 
 

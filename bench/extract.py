@@ -51,7 +51,9 @@ def run_rows(workload, root: Path, num_stages: int, mode: str, repeats: int, cap
     for i in range(repeats):
         out = root / f"{mode}-{num_stages}-{'-'.join(capture or ['plain'])}-{i}"
         shutil.rmtree(out, ignore_errors=True)
-        record = execute(load_config(workload.config(str(out), num_stages, mode, capture)), quiet=True)["record"]
+        captures = {k: v for k, v in (capture or {}).items() if k != "replicas"}
+        config = workload.config(str(out), num_stages, mode, captures, replicas=(capture or {}).get("replicas", 1))
+        record = execute(load_config(config), quiet=True)["record"]
         timings, stats = record.timings, record.stage_stats
         busy = [s["busy_s"] for s in stats if "busy_s" in s]
         runs.append({

@@ -76,7 +76,9 @@ def captured(model, batches, device, out: Path, mode: str, floor: float) -> dict
     """(c)/(d): one StageActor holding every layer, capturing and writing in `mode`."""
     import actors.stage as stage_module
     from actors.shard import ShardSpec
-    from actors.stage import StageActor, StageSpec, profile
+    from actors.stage import StageSpec, profile
+    from cluster.executor import LocalExecutor
+    from cluster.pipeline import PipelineConfig
     from common.layout import RunLayout
 
     # NOTE: the stage normally loads its shard from a checkpoint; here it takes the random-init
@@ -85,19 +87,19 @@ def captured(model, batches, device, out: Path, mode: str, floor: float) -> dict
     layers = range(model.config.num_hidden_layers)
     spec = StageSpec(0, ShardSpec("random-init", layers, "bfloat16"), str(out / mode),
                      device=str(device), last=True, storage=mode, floor=floor)
-    stage = StageActor(spec)
-    stage.forward(batches[0])  # warm-up (its files are overwritten below)
-    stage.flush()
+    executor = LocalExecutor(PipelineConfig())  # the local executor: one stage, in this process
+    executor.start([[spec]])
+    stage = executor.stages[0]
+    executor.run_all(batches[:1])  # warm-up (its files are overwritten below)
     sync(device)
     before, start = stage.stats(), time.perf_counter()
-    for batch in batches:
-        stage.forward(batch)
+    dispatcher = executor.run_all(batches, flush=False)
     sync(device)
     forward_s = time.perf_counter() - start
-    stage.flush()
+    executor.flush_all(dispatcher)
     wall_s = time.perf_counter() - start
     after = stage.stats()
-    stage.close()
+    executor.finish()
     size = sum(Path(path).stat().st_size for path, _ in RunLayout.of(str(out / mode)).batch_tables())
     return {"seconds": wall_s, "until_last_forward_s": forward_s, "bytes": size, "profile": profile(after, before)}
 

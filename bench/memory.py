@@ -44,7 +44,9 @@ def measure(cache_dir: str) -> dict:
     import torch
 
     from actors.shard import ShardSpec
-    from actors.stage import StageActor, StageSpec
+    from actors.stage import StageSpec
+    from cluster.executor import LocalExecutor
+    from cluster.pipeline import PipelineConfig
     from actors.batch import MicroBatch
     from cluster.tiny_model import TinySpec, build_tiny
 
@@ -56,16 +58,17 @@ def measure(cache_dir: str) -> dict:
     out = tempfile.mkdtemp(prefix="bench-memory-")
     spec = StageSpec(0, ShardSpec(path, range(0, SPEC["num_layers"] // 2), "float32"), out,
                      num_threads=1, last=False)
+    executor = LocalExecutor(PipelineConfig())  # the local executor: the stage in this process
     with Sampler() as sampled:
-        stage = StageActor(spec)
+        executor.start([[spec]])
+    stage = executor.stages[0]
     load_peak, after_load = status("VmHWM"), status("VmRSS")
     weights = sum(p.numel() * p.element_size() for p in stage.model.parameters())
     reset_peak()
     start = time.perf_counter()
     ids = torch.randint(0, SPEC["vocab_size"], (MICRO_BATCH, SEQ))
-    for index in range(BATCHES):
-        stage.forward(MicroBatch(index, list(range(MICRO_BATCH)), ids, torch.ones_like(ids)))
-    stage.flush()
+    executor.run_all([MicroBatch(index, list(range(MICRO_BATCH)), ids, torch.ones_like(ids))
+                      for index in range(BATCHES)])
     run_peak = status("VmHWM")
     hidden = MICRO_BATCH * SEQ * SPEC["hidden_size"] * 4  # float32 [batch, seq, hidden]
     in_flight = (spec.write_depth + 2) * 2 * len(spec.shard.layers) * hidden + 2 * hidden

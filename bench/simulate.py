@@ -1,6 +1,6 @@
 """`python -m bench.simulate`: the pipeline at GPU shapes, its layers' compute replaced by a wait.
 
-The driver is the real one (`cluster.pipeline.drive`) and every stage is a real
+The driver is the real one (`cluster.drive.drive`) and every stage is a real
 `StageActor` in its own Ray actor: the same `forward`, hand-off (`MicroBatch` wire bytes
 through the object store), writer queue and commits. Only two parts stand in:
 - the layers: a core-free wait of T per micro-batch (what a GPU's compute is to the CPU),
@@ -53,13 +53,15 @@ class Case:
     layers: int = 1              # captured layers per stage (two sites each)
     in_flight: int = 0           # 0: the pipeline's default, stages + 1
     device: str = "cpu"
+    replicas: int = 1            # R pipelines side by side, sharing the M micro-batches
 
     @property
     def ideal_s(self) -> float:
-        return (self.micro_batches + self.stages - 1) * self.wait_s
+        return (-(-self.micro_batches // self.replicas) + self.stages - 1) * self.wait_s
 
     def name(self) -> str:
-        return (f"N={self.stages} M={self.micro_batches} T={self.wait_s * 1000:g}ms {self.mode} "
+        copies = f"R={self.replicas} " if self.replicas > 1 else ""
+        return (f"{copies}N={self.stages} M={self.micro_batches} T={self.wait_s * 1000:g}ms {self.mode} "
                 f"[1, {self.seq_len}, {self.hidden}] bf16, {self.layers} layer(s) captured per stage")
 
 
@@ -146,9 +148,9 @@ class SimStage(StageActor):
         self.start_writing(writer, started)
 
 
-def stage_specs(case: Case) -> list[StageSpec]:
+def stage_specs(case: Case, replica: int = 0) -> list[StageSpec]:
     return [StageSpec(i, ShardSpec("simulated", range(i * case.layers, (i + 1) * case.layers), "bfloat16"),
-                      output="/nonexistent", device=case.device, last=i == case.stages - 1,
+                      output="/nonexistent", device=case.device, last=i == case.stages - 1, replica=replica,
                       writer="thread",  # a GPU stage's writer, on its own thread, whatever the device
                       storage="exceedances" if case.mode == "exceedances" else "dense")
             for i in range(case.stages)]
@@ -159,39 +161,54 @@ def batches(case: Case, count: int, first: int = 0) -> list[MicroBatch]:
     return [MicroBatch(first + i, [first + i], ids, torch.ones_like(ids)) for i in range(count)]
 
 
+def sim_drive(replicas: list[list], batches: list[MicroBatch], in_flight: int) -> None:
+    """The real driver (cluster.drive) over `replicas`, as cluster.run gives it its Dispatcher."""
+    from cluster.dispatch import Dispatcher
+    from cluster.drive import drive
+
+    tokens = {b.index: int(b.attention_mask.sum()) for b in batches}
+    dispatcher = Dispatcher(list(tokens), len(replicas), len(replicas[0]), in_flight, tokens=tokens)
+    drive(replicas, batches, dispatcher, lambda done: None)
+
+
 def run_case(case: Case, warm: int = 2) -> dict:
-    """Start the stages, drive `warm` micro-batches, then time M of them; the stages' figures."""
+    """Start the stages, drive `warm` micro-batches per replica, then time M of them; the stages' figures."""
     import ray
 
-    from cluster.pipeline import CALLS_AT_ONCE, Serial, drive
+    from cluster.pipeline import CALLS_AT_ONCE, Serial
 
-    gpus = 1 / case.stages if case.device == "cuda" else 0
-    cpus = min(1.0, len(os.sched_getaffinity(0)) / (case.stages + 1))
+    actors = case.stages * case.replicas
+    gpus = 1 / actors if case.device == "cuda" else 0
+    cpus = min(1.0, len(os.sched_getaffinity(0)) / (actors + 1))
     # NOTE: the stages' Ray options as `cluster.pipeline.start_stages` gives them.
     remote = ray.remote(type("SimRayStage", (Serial, SimStage), {})).options(
         num_cpus=cpus, num_gpus=gpus, max_concurrency=CALLS_AT_ONCE)
-    stages = [remote.remote(spec, case) for spec in stage_specs(case)]
+    replicas = [[remote.remote(spec, case) for spec in stage_specs(case, r)] for r in range(case.replicas)]
+    stages = [stage for replica in replicas for stage in replica]
     try:
         ray.get([s.info.remote() for s in stages])
         in_flight = case.in_flight or case.stages + 1
-        drive(stages, batches(case, warm), in_flight, lambda done: None)
+        sim_drive(replicas, batches(case, warm * case.replicas), in_flight)
         before = ray.get([s.stats.remote() for s in stages])
         cpu, start, machine = time.process_time(), time.perf_counter(), busy_ticks()
-        drive(stages, batches(case, case.micro_batches, warm), in_flight, lambda done: None)
+        sim_drive(replicas, batches(case, case.micro_batches, warm * case.replicas), in_flight)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         machine = [after - before for before, after in zip(machine, busy_ticks())]
         after = ray.get([s.stats.remote() for s in stages])
     finally:
         for stage in stages:
             ray.kill(stage)
-    per_mb = lambda key: [(a[key] - b[key]) / case.micro_batches for a, b in zip(after, before)]  # noqa: E731
-    busy = per_mb("busy_s")
-    return {"case": case.name(), "stages": case.stages, "mode": case.mode, "hidden": case.hidden,
-            "seconds": wall, "ideal_s": case.ideal_s, "efficiency": case.ideal_s / wall if case.wait_s else None,
+    mbs = [a["micro_batches"] - b["micro_batches"] for a, b in zip(after, before)]
+    per_mb = lambda key: [(a[key] - b[key]) / max(n, 1) for a, b, n in zip(after, before, mbs)]  # noqa: E731
+    busy = per_mb("busy_s")[:case.stages]
+    return {"case": case.name(), "stages": case.stages, "replicas": case.replicas, "mode": case.mode,
+            "hidden": case.hidden, "seconds": wall, "ideal_s": case.ideal_s,
+            "efficiency": case.ideal_s / wall if case.wait_s else None,
             "driver_cpu_ms": 1000 * cpu / case.micro_batches,
             "cores_busy": machine[0] / machine[1] * len(os.sched_getaffinity(0)) if machine[1] else None,
             "stage_overhead_ms": [round(1000 * (b - case.wait_s), 2) for b in busy],
-            "tables_ms": [round(1000 * t, 2) for t in per_mb("tables_s")],
+            "tables_ms": [round(1000 * t, 2) for t in per_mb("tables_s")[:case.stages]],
+            "replica_micro_batches": mbs[::case.stages],
             "bytes_per_stage": after[0]["bytes_written"] - before[0]["bytes_written"]}
 
 

@@ -40,14 +40,15 @@ class Workload:
         }
 
     def config(self, output: str, num_stages: int = 1, mode: str = "dense", capture: dict | None = None,
-               **pipeline) -> dict:
-        """A run config (dict) for `cluster.run.execute` over this workload: the stages share
-        CORES, each with as many torch threads as whole cores."""
-        cpus = CORES / num_stages
+               replicas: int = 1, **pipeline) -> dict:
+        """A run config (dict) for `cluster.run.execute` over this workload: the stages of every
+        replica share CORES, each with as many torch threads as whole cores."""
+        cpus = CORES / (num_stages * replicas)
         return copy.deepcopy({
             "model": {"tiny": self.tiny(), "dtype": self.dtype, "cache_dir": self.cache_dir},
             "data": {"source": "stdlib", "num_sequences": self.num_sequences, "seq_len": self.seq_len},
-            "pipeline": {"num_stages": num_stages, "micro_batch_size": 1, "cpus_per_stage": cpus,
+            "pipeline": {"num_stages": num_stages, "num_replicas": replicas, "micro_batch_size": 1,
+                         "cpus_per_stage": cpus,
                          "threads_per_stage": max(1, int(cpus)), **pipeline},
             "storage": {"output": output, "mode": mode, "floor": FLOOR},
             "capture": capture or {},
