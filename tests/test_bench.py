@@ -52,6 +52,17 @@ def test_pipeline_simulator_runs_every_case_through_the_real_driver(ray_cluster,
     assert "N=2 M=3" in table(result)
 
 
+def test_replica_scaling_runs_replicas_through_the_real_driver(ray_cluster):
+    from bench.replicas import scaling, table
+
+    rows = scaling(shapes=((2, 1), (2, 2)), per_replica=3, wait_s=0.001, hidden=64, seq_len=32)
+    assert [(r["replicas"], r["stages"], r["actors"], r["micro_batches"]) for r in rows] == [(2, 1, 2, 6), (2, 2, 4, 6)]
+    for row in rows:
+        assert sum(row["per_replica"]) == 6 and min(row["per_replica"]) > 0  # both replicas took work
+        assert row["scaling"] == row["one_seconds"] / row["seconds"] and row["driver_cpu_ms"] > 0
+    assert "| 2 x 2 (4) | 6 |" in table(rows)
+
+
 def test_gpu_suite_runs_small_and_records_both_parts(tmp_path):
     results = tmp_path / "RESULTS.md"
     done = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--small", "--record", "--results", str(results),
