@@ -9,6 +9,8 @@ perfect scaling R replicas do R times the work in the same time:
   driver     CPU ms of the driver process per micro-batch, at R x N actors
   cores busy how many of the machine's cores were busy (all processes): where it reaches the
              cores, the actors' own work (hand-offs, pickling) is the limit, not the driver
+  beyond T   each stage of replica 0: its forward's time per micro-batch beyond the wait T
+             (receiving and sending the state, the writer's queue): the actors' share
 
 Target: scaling >= 0.9 at every shape.
 """
@@ -55,14 +57,16 @@ def scaling(shapes=SHAPES, per_replica: int = 16, wait_s: float = 0.060, hidden:
 def table(rows: list[dict]) -> str:
     cores = len(os.sched_getaffinity(0))
     lines = ["| R x N (actors) | micro-batches | seconds | one replica's seconds (M / R) | scaling (target "
-             f">= {TARGET}) | driver CPU ms/mb | cores busy (of {cores}) | micro-batches per replica |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             f">= {TARGET}) | driver CPU ms/mb | cores busy (of {cores}) | micro-batches per replica "
+             "| r0's stages: forward ms/mb beyond T |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         met = "met" if r["scaling"] >= TARGET else "missed"
         busy = "" if r["cores_busy"] is None else f"{r['cores_busy']:.2f}"
         lines.append(f"| {r['replicas']} x {r['stages']} ({r['actors']}) | {r['micro_batches']} | {r['seconds']:.2f} | "
                      f"{r['one_seconds']:.2f} | {r['scaling']:.3f} {met} | {r['driver_cpu_ms']:.2f} | {busy} | "
-                     f"{min(r['per_replica'])}-{max(r['per_replica'])} |")
+                     f"{min(r['per_replica'])}-{max(r['per_replica'])} | "
+                     f"{', '.join(f'{x:.1f}' for x in r['stage_overhead_ms'])} |")
     return "\n".join(lines)
 
 
