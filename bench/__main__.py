@@ -155,12 +155,10 @@ def _simulation(quick: bool) -> dict:
 
 
     from bench.replicas import scaling
-    from bench.replicas import table as replica_table
 
     result = simulate((2048,), (4,), MODES, micro_batches=8 if quick else 32)
-    print(report.simulated(result))
     result["replicas"] = scaling(per_replica=4 if quick else 16)
-    print(replica_table(result["replicas"]))
+    print(report.simulated(result))
     return result
 
 

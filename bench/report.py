@@ -127,7 +127,7 @@ def profile_table(result: dict) -> str:
 
 def profile_rows(profiles: dict[str, list[dict]]) -> str:
     """{row: [each stage's `actors.stage.profile`]} as a table, ms per micro-batch."""
-    lines = ["| Row | Stage | forward | layers | tables | waiting for the writer | other | files |",
+    lines = ["| Row | Stage (replica by replica) | forward | layers | tables | waiting for the writer | other | files |",
              "|-----|------:|--------:|-------:|-------:|-----------------------:|------:|------:|"]
     for key, stages in profiles.items():
         for index, p in enumerate(stages):
@@ -147,6 +147,11 @@ def memory_line(memory: dict) -> str:
 
 
 def simulated(simulation: dict) -> str:
+    """The simulator's table, and the replicas' scaling where it was measured (bench.replicas)."""
+    from bench.replicas import table as replica_table
     from bench.simulate import table as simulation_table
 
-    return simulation_table(simulation)
+    text = simulation_table(simulation)
+    if simulation.get("replicas"):
+        text += "\n\nReplica scaling (`bench.replicas`):\n\n" + replica_table(simulation["replicas"])
+    return text
