@@ -145,7 +145,9 @@ class Driver:
         import ray
 
         revival = self.revivals[replica]
-        stage = revival.pings.pop(ref)
+        stage = revival.pings.pop(ref, None)
+        if stage is None:  # a ping of an earlier revival of this replica
+            return
         try:
             ray.get(ref)
             revival.back.add(stage)

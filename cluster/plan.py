@@ -62,16 +62,6 @@ def plan_micro_batches(num_sequences: int, micro_batch_size: int) -> list[range]
     ]
 
 
-def describe(stages: list[range], stage_bytes: list[int]) -> str:
-    """One line per stage, as printed at the start of a run."""
-    lines = []
-    for index, (layers, size) in enumerate(zip(stages, stage_bytes)):
-        lines.append(
-            f"stage-{index} [layers {layers.start}-{layers.stop - 1}]  {size / 2**20:8.1f} MiB"
-        )
-    return "\n".join(lines)
-
-
 def stage_bytes(stages: list[range], layer_bytes: list[int], embed_bytes: int, shared_bytes: int = 0) -> list[int]:
     """Parameter bytes each stage holds under the plan (`shared_bytes`: held by every stage)."""
     return [

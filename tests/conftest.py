@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from actors import faults
 from actors.families import SITES, family_of
 from common import files
 from common.layout import RunLayout
@@ -77,6 +83,31 @@ def own_ray(**kwargs) -> None:
     if ray.is_initialized():
         ray.shutdown()
     ray.init(**kwargs)
+
+
+@contextlib.contextmanager
+def raylets(slow: Path, delay_s: float, nodes: list[dict]):
+    """A CPU-only head and one raylet per entry of `nodes` on this machine, joined; stage 0 slowed
+    by `delay_s` per micro-batch (the fault file `slow`, armed for the raylets started here),
+    so a fault lands mid-run. Yields (cluster, workers)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    slow.write_text(json.dumps([{"kind": "delay", "stage": 0, "seconds": delay_s}]))
+    os.environ[faults.ENV] = str(slow)  # inherited by the raylets started below
+    if ray.is_initialized():
+        ray.shutdown()  # the suite's shared cluster: the module needs its own nodes
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False})
+    workers = [cluster.add_node(**node) for node in nodes]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR")
+    try:
+        yield cluster, workers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        os.environ.pop(faults.ENV, None)
 
 
 def free_port() -> int:

@@ -7,19 +7,16 @@ committed micro-batches stay valid, and --resume finishes it once a node is back
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 from pathlib import Path
 
 import pytest
 
-from actors import faults
 from cluster.config import load_config
 from cluster.run import execute
 from common.errors import RunError
 from common.layout import RunLayout
-from tests.conftest import fault_config, stored_record
+from tests.conftest import fault_config, raylets, stored_record
 from tests.test_faults import assert_same_tables, wait_for_commits
 
 NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20}
@@ -28,23 +25,9 @@ NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20}
 @pytest.fixture
 def cluster(tmp_path):
     """Head (CPU only) + 3 one-GPU nodes; stage 0 is slowed down so a kill lands mid-run."""
-    import ray
-    from ray.cluster_utils import Cluster
-
     slow = tmp_path / "slow.json"
-    slow.write_text(json.dumps([{"kind": "delay", "stage": 0, "seconds": 0.3}]))
-    os.environ[faults.ENV] = str(slow)  # inherited by the raylets started below
-    if ray.is_initialized():
-        ray.shutdown()  # the suite's shared cluster: this module needs its own nodes
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False})
-    workers = [cluster.add_node(**NODE) for _ in range(3)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="ERROR")
-    yield cluster, workers, slow
-    ray.shutdown()
-    cluster.shutdown()
-    os.environ.pop(faults.ENV, None)
+    with raylets(slow, 0.3, [NODE] * 3) as (cluster, workers):
+        yield cluster, workers, slow
 
 
 def gpu_config(checkpoint, output) -> dict:

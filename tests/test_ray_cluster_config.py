@@ -54,10 +54,11 @@ def test_the_cluster_can_host_every_shipped_run(config, run):
     from cluster.placement import fits
 
     run_config = load_config(run)
-    bundle = {"GPU": 1, "CPU": run_config.pipeline.cpus_per_stage}  # cluster.placement.stage_bundles on GPUs
+    bundle = {"GPU": 1, "CPU": run_config.pipeline.cpus_per_stage}  # cluster.placement.stage_bundle on GPUs
     types = config["available_node_types"]
     capacity = sum(fits(t["resources"], bundle) * t.get("max_workers", 0) for t in types.values())
-    assert capacity >= run_config.pipeline.num_stages, "the GPU workers cannot hold the run's stages"
+    stages = run_config.pipeline.num_stages
+    assert capacity >= (1 if stages == "auto" else stages), "the GPU workers cannot hold the run's stages"
     head = types[config["head_node_type"]]
     assert fits(head["resources"], bundle) == 0, "a stage could land on the head, away from the GPUs"
     assert head["resources"]["CPU"] >= run_config.analysis.num_actors, "the scan actors would not start"

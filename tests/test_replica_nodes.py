@@ -5,8 +5,6 @@ run finished by the other three, with the fault-free tables.
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -17,7 +15,7 @@ from actors import faults
 from cluster.config import load_config
 from cluster.run import execute
 from common.layout import RunLayout
-from tests.conftest import fault_config, stored_record
+from tests.conftest import fault_config, raylets, stored_record
 from tests.test_faults import assert_same_tables, wait_for_commits
 
 NODE = {"num_cpus": 1, "num_gpus": 2, "object_store_memory": 80 * 2**20}
@@ -26,23 +24,8 @@ NODE = {"num_cpus": 1, "num_gpus": 2, "object_store_memory": 80 * 2**20}
 @pytest.fixture(scope="module")
 def four_nodes(tmp_path_factory):
     """Head (CPU only) + 4 two-GPU nodes; stage 0 is slowed so a node loss lands mid-run."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    slow = tmp_path_factory.mktemp("slow") / "slow.json"
-    slow.write_text(json.dumps([{"kind": "delay", "stage": 0, "seconds": 1.0}]))
-    os.environ[faults.ENV] = str(slow)  # inherited by the raylets started below
-    if ray.is_initialized():
-        ray.shutdown()  # the suite's shared cluster: this module needs its own nodes
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False})
-    workers = [cluster.add_node(**NODE) for _ in range(4)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="ERROR")
-    yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
-    os.environ.pop(faults.ENV, None)
+    with raylets(tmp_path_factory.mktemp("slow") / "slow.json", 1.0, [NODE] * 4) as nodes:
+        yield nodes
 
 
 def replica_config(checkpoint, output, num_sequences: int = 12) -> dict:

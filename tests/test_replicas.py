@@ -86,39 +86,37 @@ def test_auto_is_one_replica_without_gpus_and_too_many_are_refused_in_one_line(r
         execute(load_config(replica_config(planted_checkpoint, tmp_path / "local", 2, 2)), executor="local")
 
 
-@pytest.mark.parametrize("first, then", [((1, 2), (3, 1)), ((2, 1), (1, 3))])
+@pytest.mark.parametrize("first, then, mode", [((1, 2), (3, 1), "exceedances"), ((2, 1), (1, 3), "dense")])
 def test_resume_with_other_replicas_and_stages_counts_nothing_twice(ray_cluster, planted_checkpoint, one_pipeline,
-                                                                    tmp_path, first, then):
+                                                                    tmp_path, first, then, mode):
     reference, _ = one_pipeline
-    output = tmp_path / "run"
-    for mode in ("exceedances", "dense"):
-        run = output / mode
-        config = replica_config(planted_checkpoint, run, *first)
-        config["storage"].update(mode=mode, floor=3.0)
-        execute(load_config(config), quiet=True)
-        layout = RunLayout.of(str(run))
-        record = read_record(layout)
-        record.status = "running"
-        for index in (1, 5, 6):  # written by every stage, never committed: interrupted
-            record.batches[index].status = "pending"
-        write_record(layout, record)
-        before = {name: path.read_bytes() for name, path in files_of(run).items()
-                  if not name.endswith(("000001.parquet", "000005.parquet", "000006.parquet"))}
-        config = replica_config(planted_checkpoint, run, *then)
-        config["storage"].update(mode=mode, floor=3.0)
-        resumed = execute(load_config(config), resume=True, quiet=True)["record"]
-        assert resumed.status == "complete" and resumed.committed() == set(range(12))
-        assert len({s.replica for s in resumed.plan}) == then[0]
-        if mode == "dense":
-            assert assert_same_files(run, reference) == 12 * 6 * 2
-        else:  # each micro-batch's tables once: the redone ones under the new split only
-            found = files_of(run)
-            redone = sorted(name for name in found if name.endswith("000001.parquet") and "exceedances" in name)
-            assert len(redone) == then[1]
-            kept = {name: data for name, data in before.items() if name in found}
-            assert all(found[name].read_bytes() == data for name, data in kept.items())
-            assert len([n for n in found if "exceedances" in n]) == 9 * first[1] + 3 * then[1]
-        assert [f["dim"] for f in stored_summary(run)["outlier_features"]] == [5, 40]
+    run = tmp_path / "run"
+    config = replica_config(planted_checkpoint, run, *first)
+    config["storage"].update(mode=mode, floor=3.0)
+    execute(load_config(config), quiet=True)
+    layout = RunLayout.of(str(run))
+    record = read_record(layout)
+    record.status = "running"
+    for index in (1, 5, 6):  # written by every stage, never committed: interrupted
+        record.batches[index].status = "pending"
+    write_record(layout, record)
+    redone = ("000001.parquet", "000005.parquet", "000006.parquet")
+    before = {name: path.read_bytes() for name, path in files_of(run).items() if not name.endswith(redone)}
+    config = replica_config(planted_checkpoint, run, *then)
+    config["storage"].update(mode=mode, floor=3.0)
+    resumed = execute(load_config(config), resume=True, quiet=True)["record"]
+    assert resumed.status == "complete" and resumed.committed() == set(range(12))
+    assert len({s.replica for s in resumed.plan}) == then[0]
+    found = files_of(run)
+    if mode == "dense":
+        assert assert_same_files(run, reference) == 12 * 6 * 2
+    else:  # each micro-batch's tables once: the redone ones under the new split only
+        assert len([name for name in found if name.endswith(redone[0]) and "exceedances" in name]) == then[1]
+        assert len([name for name in found if "exceedances" in name]) == 9 * first[1] + 3 * then[1]
+    kept = [name for name in before if name in found]
+    assert len(kept) == (len(before) if mode == "dense" else 9 * 2 * first[1])  # exceedances and stats
+    assert all(found[name].read_bytes() == before[name] for name in kept)
+    assert [f["dim"] for f in stored_summary(run)["outlier_features"]] == [5, 40]
 
 
 def test_the_progress_line_and_the_record_carry_each_replica(ray_cluster, planted_checkpoint, tmp_path, capsys):
