@@ -32,6 +32,7 @@ class Hardware:
 
     gpus: int                   # GPUs the stages can use (0: CPU stages)
     gpu_bytes: int | None       # memory of one GPU, when known
+    one_device: bool = False    # every stage on the same device (the local executor)
 
 
 def make_executor(kind: str, pipeline: PipelineConfig):
@@ -65,10 +66,13 @@ class LocalExecutor:
         import torch
 
         gpu = self.pipeline.device != "cpu" and torch.cuda.is_available()
+        if self.pipeline.device == "cuda" and not gpu:
+            raise ConfigError("pipeline.device=cuda but torch sees no GPU in this process; use pipeline.device=auto "
+                              "or cpu, or the Ray executor on a cluster with GPUs.")
         memory = gib_setting(self.pipeline)
         if gpu and memory is None:
             memory = torch.cuda.get_device_properties(0).total_memory
-        return Hardware(gpus=1 if gpu else 0, gpu_bytes=memory if gpu or memory else None)
+        return Hardware(gpus=1 if gpu else 0, gpu_bytes=memory, one_device=True)
 
     def place(self, num_stages: int, batches: int) -> int:
         return 1

@@ -168,13 +168,12 @@ def strategy_for(placement: str, target: str | None) -> str:
     return "STRICT_PACK" if target else "SPREAD"
 
 
-def reserve(bundles: list[dict], timeout_s: float, strategy: str = "PACK", target: str | None = None):
-    """A ready placement group for `bundles` (on node `target` if it can, for STRICT_PACK), or
-    PlacementError after `timeout_s`."""
+def reserve(bundles: list[dict], timeout_s: float, strategy: str = "PACK"):
+    """A ready placement group for `bundles`, or PlacementError after `timeout_s`."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    group = placement_group(bundles, strategy=strategy, _soft_target_node_id=target)
+    group = placement_group(bundles, strategy=strategy)
     ready, _ = ray.wait([group.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(group)

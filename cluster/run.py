@@ -105,8 +105,8 @@ def plan_shape(config: RunConfig, prepared: Prepared, hardware: Hardware) -> Sha
     that fit one GPU; refused in one line if they cannot fit."""
     body, stages = prepared.anatomy, config.pipeline.num_stages
     sizes = (list(body.layer_bytes), body.embed_bytes, body.shared_bytes)
-    if stages != "auto":
-        shape = fixed_shape(*sizes, stages, headroom(config, prepared))
+    if stages != "auto" or hardware.one_device:  # stages sharing one device: more of them fit no better
+        shape = fixed_shape(*sizes, 1 if stages == "auto" else stages, headroom(config, prepared))
     elif hardware.gpu_bytes:
         shape = fewest_stages(*sizes, hardware.gpu_bytes, headroom(config, prepared))
     elif hardware.gpus:
@@ -116,7 +116,8 @@ def plan_shape(config: RunConfig, prepared: Prepared, hardware: Hardware) -> Sha
         shape = fixed_shape(*sizes, 1, headroom(config, prepared))
     weights = f"weights: the {body.quantization} release loaded dequantized to {body.dtype}" \
         if body.quantization else "weights"
-    check_fits(shape, hardware.gpu_bytes, hardware.gpus, auto=stages == "auto", weights=weights)
+    check_fits(shape, hardware.gpu_bytes, hardware.gpus, auto=stages == "auto", weights=weights,
+               one_device=hardware.one_device)
     return replace(shape, gpu_bytes=hardware.gpu_bytes if hardware.gpus else None)
 
 

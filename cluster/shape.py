@@ -83,9 +83,18 @@ def fewest_stages(layer_bytes: list[int], embed_bytes: int, shared_bytes: int, g
     )
 
 
-def check_fits(shape: Shape, gpu_bytes: int | None, gpus: int, auto: bool, weights: str = "weights") -> None:
+def check_fits(shape: Shape, gpu_bytes: int | None, gpus: int, auto: bool, weights: str = "weights",
+               one_device: bool = False) -> None:
     """Refuse, in one line naming the bytes, a shape a stage of which exceeds one GPU, or whose
-    stages outnumber the cluster's GPUs (`weights`: what the weights are, for the message)."""
+    stages outnumber the cluster's GPUs (`weights`: what the weights are, for the message). With
+    `one_device` every stage shares one GPU, which must hold them all."""
+    if one_device:
+        together = shape.total - (len(shape.stages) - 1) * DEVICE_RESERVE
+        if gpus and gpu_bytes is not None and together > gpu_bytes:
+            raise PlanError(f"the local executor holds every stage on one GPU: they need {gib(together)} "
+                            f"({gib(sum(shape.weights))} of {weights}) but the GPU has {gib(gpu_bytes)}; "
+                            "use the Ray executor on more GPUs.")
+        return
     if gpu_bytes is not None and max(shape.needs) > gpu_bytes:
         worst = max(range(len(shape.needs)), key=shape.needs.__getitem__)
         raise PlanError(

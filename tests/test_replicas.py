@@ -84,6 +84,8 @@ def test_auto_is_one_replica_without_gpus_and_too_many_are_refused_in_one_line(r
     assert not (tmp_path / "refused" / "run.json").exists()  # refused before any record is written
     with pytest.raises(UserError, match="the local executor runs one pipeline"):
         execute(load_config(replica_config(planted_checkpoint, tmp_path / "local", 2, 2)), executor="local")
+    with pytest.raises(UserError, match="pipeline.device=cuda but torch sees no GPU in this process"):
+        execute(load_config(replica_config(planted_checkpoint, tmp_path / "gpu", 1, 2, device="cuda")), executor="local")
 
 
 @pytest.mark.parametrize("first, then, mode", [((1, 2), (3, 1), "exceedances"), ((2, 1), (1, 3), "dense")])

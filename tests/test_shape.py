@@ -124,3 +124,13 @@ def test_fewest_stages_is_the_smallest_count_that_fits():
 ])
 def test_replicas_spread_over_the_nodes_that_hold_them(rooms, stages, replicas, expected):
     assert targets(rooms, stages, replicas) == expected
+
+
+def test_the_local_executor_holds_every_stage_on_its_one_gpu(real_sizes):
+    one = Hardware(gpus=1, gpu_bytes=80 * GIB, one_device=True)
+    shape, _ = shape_for(real_sizes["qwen3_30b_a3b"], one, num_stages=2)  # two stages, one GPU: fits 80 GiB
+    assert len(shape.stages) == 2
+    auto, _ = shape_for(real_sizes["qwen3_30b_a3b"], one)
+    assert len(auto.stages) == 1  # on one device more stages fit no better
+    with pytest.raises(PlanError, match=r"holds every stage on one GPU: they need [\d.]+ GiB .* the GPU has 40.0 GiB"):
+        shape_for(real_sizes["qwen3_30b_a3b"], Hardware(gpus=1, gpu_bytes=40 * GIB, one_device=True), num_stages=2)
