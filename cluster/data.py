@@ -79,6 +79,8 @@ def load_texts(source: str, text_field: str = "text", split: str = "train") -> I
     if source == "stdlib":
         return iter(_stdlib_texts())
     path = Path(source).expanduser()
+    if path.is_file():  # an existing file wins over the `DIR:config` reading of a colon in its path
+        return _file_texts(path, text_field)
     folder = source.rpartition(":")[0]
     if path.is_dir() or (folder and Path(folder).expanduser().is_dir()):
         return _hub_texts(source, text_field, split)  # a local dataset directory, streamed the same way

@@ -59,6 +59,16 @@ def test_txt_documents_are_split_on_blank_lines(tmp_path):
     assert list(load_texts(str(path))) == ["first line\nstill first", "second", "third"]
 
 
+def test_an_existing_file_with_a_colon_in_its_path_is_read_as_that_file(tmp_path):
+    # `DIR:config` names a dataset directory and its config; an existing file must not be read so
+    # even when the part before its colon is a directory (timestamps, `granitemoe:embedding...`).
+    (tmp_path / "runs").mkdir()
+    corpus = tmp_path / "runs:2026-12-03" / "corpus.txt"  # "runs" before the colon is a directory
+    corpus.parent.mkdir()
+    corpus.write_text("first document\n\nsecond document\n")
+    assert list(load_texts(str(corpus))) == ["first document", "second document"]
+
+
 def test_jsonl_records_with_custom_field(tmp_path):
     path = tmp_path / "corpus.jsonl"
     rows = [{"body": "alpha", "id": 1}, {"body": "", "id": 2}, {"body": "beta", "id": 3}]
