@@ -7,7 +7,8 @@ can arm and disarm faults while a run goes on) holding a list of faults, each
   - kill: the stage's worker process sends itself SIGKILL before running micro-batch m (without
     `batch`: the first micro-batch it gets);
   - oom: running more than `max_rows` sequences at once raises torch.OutOfMemoryError;
-  - delay: sleep `seconds` before every micro-batch (to widen the window for a driver kill);
+  - delay: sleep `seconds` before every micro-batch (with `batch`: before micro-batch m only), to
+    widen the window for a driver kill;
   - disk: writing micro-batch m's files fails as a full disk does (every stage; no `stage`).
 `once` makes a fault fire a single time across restarts (it creates the marker file).
 Unset, nothing here does anything.
@@ -50,7 +51,7 @@ def _claim(fault: dict) -> bool:
 
 def before_batch(stage: int, batch: int, replica: int = 0) -> None:
     for fault in _faults(stage, replica):
-        if fault["kind"] == "delay":
+        if fault["kind"] == "delay" and fault.get("batch", batch) == batch:
             time.sleep(fault["seconds"])
         elif fault["kind"] == "kill" and fault.get("batch", batch) == batch and _claim(fault):
             os.kill(os.getpid(), signal.SIGKILL)

@@ -267,6 +267,62 @@ def fault_free_run(planted_checkpoint, tmp_path_factory):
     return output
 
 
+def dense_tables(run: Path) -> dict:
+    """{(layer, site): DataFrame sorted by (seq, pos)}, checking no row appears twice."""
+    import polars as pl
+
+    from analysis.scan import read_frame
+
+    layout = RunLayout.of(str(run))
+    out = {}
+    for layer, site in layout.dense_partitions():
+        frame = pl.concat([read_frame(layout.fs, p) for p in layout.partition_files(layer, site)])
+        assert frame.select("seq", "pos").is_duplicated().sum() == 0, (layer, site)
+        out[(layer, site)] = frame.sort("seq", "pos")
+    return out
+
+
+def assert_same_tables(run: Path, clean: Path) -> int:
+    """Every table of `run` equals the fault-free `clean` one; returns the rows compared."""
+    got, want = dense_tables(run), dense_tables(clean)
+    assert got.keys() == want.keys() and len(got) == 6 * len(SITES)
+    rows = 0
+    for key, frame in want.items():
+        assert got[key]["seq"].to_list() == frame["seq"].to_list(), key
+        assert got[key]["pos"].to_list() == frame["pos"].to_list(), key
+        assert np.array_equal(got[key]["act"].to_numpy(), frame["act"].to_numpy()), key
+        rows += len(frame)
+    return rows
+
+
+def wait_for_commits(ledger: Path, at_least: int, timeout_s: float) -> list[str]:
+    """The committed micro-batches of the run record `ledger` once at least `at_least` are."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ledger.exists():
+            batches = json.loads(ledger.read_text())["batches"]
+            committed = [i for i, b in batches.items() if b["status"] == "committed"]
+            if len(committed) >= at_least:
+                return committed
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} micro-batches committed within {timeout_s} s")
+
+
+def run_config(path: str, output, **sections) -> dict:
+    config = {
+        "model": {"path": path, "dtype": "float32"},
+        "data": {"source": "stdlib", "num_sequences": 12, "seq_len": 32},
+        "pipeline": {"num_stages": 2, "micro_batch_size": 4},
+        "storage": {"output": str(output)},
+        "analysis": {"num_actors": 2},
+    }
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Shut down any Ray a test left connected while pytest is still in charge.
 

@@ -20,8 +20,7 @@ import pytest
 from cluster.config import load_config
 from cluster.progress import Progress, duration
 from cluster.run import execute
-from tests.test_run import run_config
-from tests.conftest import free_port, own_ray, run_stages, token_batch
+from tests.conftest import free_port, own_ray, run_config, run_stages, token_batch
 
 NAMES = ("tokens_total", "micro_batches_total", "bytes_written_total", "busy_seconds_total",
          "layers_seconds_total", "tables_seconds_total", "write_seconds_total", "write_queue_depth")

@@ -12,8 +12,7 @@ import pytest
 from actors.families import SITES
 from cluster.config import load_config
 from cluster.run import execute
-from tests.conftest import read_site, stored_record, stored_summary
-from tests.test_run import run_config
+from tests.conftest import read_site, run_config, stored_record, stored_summary
 
 NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20}
 

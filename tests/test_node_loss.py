@@ -16,8 +16,7 @@ from cluster.config import load_config
 from cluster.run import execute
 from common.errors import RunError
 from common.layout import RunLayout
-from tests.conftest import fault_config, raylets, stored_record
-from tests.test_faults import assert_same_tables, wait_for_commits
+from tests.conftest import assert_same_tables, fault_config, raylets, stored_record, wait_for_commits
 
 NODE = {"num_cpus": 1, "num_gpus": 1, "object_store_memory": 80 * 2**20}
 

@@ -51,8 +51,10 @@ def test_quantized_release_runs_dequantized_and_equals_the_models_own_forward(
             (exact_dir / item.name).write_bytes(item.read_bytes())
     save_file({k: v.contiguous() for k, v in exact.items()}, str(exact_dir / "model.safetensors"))
     plain, dequantized = load_full(str(exact_dir), "float32"), load_full(str(path), "float32")
-    for (name, want), (_, got) in zip(plain.state_dict().items(), dequantized.state_dict().items()):
-        assert torch.equal(got, want), name
+    want, got = plain.state_dict(), dequantized.state_dict()
+    assert list(got) == list(want)  # every tensor, none missing or extra, in the same order
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
 
     ids, mask = token_batch(seed=5, batch=4, seq=16, pad_last=3)
     expected = reference_activations(str(path), "float32", ids, mask, micro_batch=2)

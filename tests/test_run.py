@@ -13,20 +13,7 @@ from cluster.run import execute
 from common.errors import RunError
 from common.layout import EXCEEDANCES, STAGE_KINDS, RunLayout, batch_file
 from common.record import read_record, write_record
-from tests.conftest import read_site, reference_activations, stored_record, stored_summary
-
-
-def run_config(path: str, output, **sections) -> dict:
-    config = {
-        "model": {"path": path, "dtype": "float32"},
-        "data": {"source": "stdlib", "num_sequences": 12, "seq_len": 32},
-        "pipeline": {"num_stages": 2, "micro_batch_size": 4},
-        "storage": {"output": str(output)},
-        "analysis": {"num_actors": 2},
-    }
-    for name, values in sections.items():
-        config.setdefault(name, {}).update(values)
-    return config
+from tests.conftest import read_site, reference_activations, run_config, stored_record, stored_summary
 
 
 def packed_tokens(path: str, config):

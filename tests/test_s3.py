@@ -24,8 +24,7 @@ from analysis.scan import read_frame
 from common import files
 from common.layout import RunLayout, batch_file
 from common.record import read_record, write_record
-from tests.conftest import free_port, own_ray
-from tests.test_run import run_config
+from tests.conftest import free_port, own_ray, run_config
 
 REPO = Path(__file__).resolve().parent.parent
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
