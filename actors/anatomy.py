@@ -18,7 +18,7 @@ import torch
 from actors.families import family_of, site_modules
 from actors.moe import moe_blocks
 from actors.layers import inner_model
-from actors.shard import DTYPES, causal_lm_class, dequantize_kwargs, has_experts, text_config
+from actors.shard import DTYPES, causal_lm_class, dequantize_kwargs, has_experts, quant_method, text_config
 from common.errors import ModelError
 
 
@@ -70,7 +70,7 @@ def anatomy(model_path: str, config, dtype: str = "auto", experts_implementation
     family = family_of(text.model_type)
     if family.refuse:
         raise ModelError(f"model_type={text.model_type!r} ({family.name}) is not supported: {family.refuse}")
-    quantization = _quant_method(config)
+    quantization = quant_method(config)
     dequantize_kwargs(config)  # refuses what cannot be dequantized
     if quantization == "fp8":
         _check_fp8_tiles(model_path, config)
@@ -117,14 +117,6 @@ def _check_routing(family, layers: dict, model_type: str) -> None:
     if not moe_blocks(layers, family):
         raise ModelError(f"{wanted}: model_type={model_type!r} has no layer with a routed experts module "
                          f"(looked for mlp.{family.experts}); turn them off for this model.")
-
-
-def _quant_method(config) -> str | None:
-    quantized = getattr(config, "quantization_config", None)
-    if not quantized:
-        return None
-    method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized.quant_method
-    return str(getattr(method, "value", method))
 
 
 _FP8 = ("F8_E4M3", "F8_E5M2")

@@ -19,7 +19,7 @@ Ray is never imported from here.
 
 from __future__ import annotations
 
-import sys
+from common.runtime import ray_running
 
 PREFIX = "moe_outliers_"
 
@@ -35,7 +35,7 @@ class StageMetrics:
     def __init__(self, stage: str, replica: int = 0):
         self.stage = stage
         self.replica = str(replica)
-        self.metrics = _make() if _ray_running() else None
+        self.metrics = _make() if ray_running() else None
         self._totals = dict.fromkeys(TOTALS, 0)
 
     def observe(self, tokens: int, written: int, stats: dict, queue_depth: int) -> None:
@@ -52,12 +52,6 @@ class StageMetrics:
                 self.metrics[name].inc(value, tags=tags)
         self._totals = totals
         self.metrics["write_queue_depth"].set(queue_depth, tags=tags)
-
-
-def _ray_running() -> bool:
-    # NOTE: look, never import: stages also run where Ray is not installed.
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
 
 
 def _make() -> dict:

@@ -216,13 +216,20 @@ def load_kwargs(config, dtype: str, experts_implementation: str | None = None,
     return kwargs
 
 
-def dequantize_kwargs(config) -> dict:
-    """`quantization_config` that loads a quantized release dequantized, or ModelError."""
+def quant_method(config) -> str | None:
+    """The `quant_method` of a quantized release's config (None: not quantized)."""
     quantized = getattr(config, "quantization_config", None)
     if not quantized:
-        return {}
+        return None
     method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized.quant_method
-    method = getattr(method, "value", method)
+    return str(getattr(method, "value", method))
+
+
+def dequantize_kwargs(config) -> dict:
+    """`quantization_config` that loads a quantized release dequantized, or ModelError."""
+    method = quant_method(config)
+    if method is None:
+        return {}
     if method not in DEQUANTIZABLE:
         raise ModelError(
             f"the checkpoint is quantized with {method!r}, which a stage cannot dequantize; outliers "

@@ -31,6 +31,7 @@ from actors.shard import ShardSpec, load_shard
 from actors.batch import MicroBatch
 from actors.background import BackgroundWriter, InlineWriter
 from actors.writer import make_writer
+from common.runtime import ray_running
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,8 @@ def join_states(states: list[tuple | None]) -> tuple | None:
 
 def _ray_node_id() -> str | None:
     """The Ray node this stage runs on (None outside Ray); matches the placement group's."""
-    import sys
+    if not ray_running():
+        return None
+    import ray
 
-    ray = sys.modules.get("ray")
-    return ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else None
+    return ray.get_runtime_context().get_node_id()

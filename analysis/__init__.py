@@ -12,7 +12,6 @@ actors (analysis.pool); smaller runs are scanned in this process.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, fields
 from typing import Callable
@@ -30,6 +29,7 @@ from common.config import build, positive
 from common.errors import ConfigError
 from common.layout import RESIDUAL, SITES, RunLayout
 from common.record import RunRecord, read_record
+from common.runtime import ray_running
 
 __all__ = ["Analysis", "AnalysisConfig", "Criteria", "analyse", "compute", "feature_table", "run_criteria"]
 
@@ -100,21 +100,24 @@ class Analysis:
     partitions: list            # the (layer, site) partitions scanned
 
 
-def compute(run_dir: str, criteria: Criteria | None = None, num_actors: int = 2, allow_partial: bool = False,
-            settings: AnalysisConfig | None = None, pool: ScanPool | None = None) -> Analysis:
+def compute(run_dir: str, criteria: Criteria | None = None, num_actors: int | None = None,
+            allow_partial: bool = False, settings: AnalysisConfig | None = None,
+            pool: ScanPool | None = None) -> Analysis:
     """Analyse the run at `run_dir` without writing anything.
 
-    `settings` (the MoE view's rules) and `criteria` default to the run config's analysis
-    section. The scan runs on `pool`'s actors (closed after), or, with Ray initialised and
-    tables of at least `scan_actors_from_mb`, on `num_actors` new ones; else in this process.
+    `settings` (the MoE view's rules, the scan actors' number) and `criteria` default to the
+    run config's analysis section. The scan runs on `pool`'s actors (closed after), or, with Ray
+    initialised and tables of at least `scan_actors_from_mb`, on `num_actors` new ones
+    (`settings.num_actors` unless given); else in this process.
     `allow_partial` skips unreadable files and missing partitions with a warning instead of
     failing.
     """
     start = time.perf_counter()
-    positive("analysis.num_actors", num_actors)
     layout = RunLayout.of(str(run_dir))
     record = read_record(layout)
     settings = run_settings(record) if settings is None else settings
+    num_actors = settings.num_actors if num_actors is None else num_actors
+    positive("analysis.num_actors", num_actors)
     criteria = settings.criteria() if criteria is None else criteria
     found = list_partitions(layout, record)
     partitions = [p for p in found if p[1] in SITES]
@@ -142,7 +145,7 @@ def compute(run_dir: str, criteria: Criteria | None = None, num_actors: int = 2,
     return Analysis(layout, record, criteria, summary, per_dim, features, view, partial, partitions)
 
 
-def analyse(run_dir: str, criteria: Criteria | None = None, num_actors: int = 2,
+def analyse(run_dir: str, criteria: Criteria | None = None, num_actors: int | None = None,
             allow_partial: bool = False, settings: AnalysisConfig | None = None,
             pool: ScanPool | None = None, on_summary: Callable[[dict], None] | None = None,
             visual: bool = True) -> dict:
@@ -164,11 +167,6 @@ def write_report(result: Analysis) -> None:
     write_visual_report(result.layout, result.summary, result.per_dim, result.partial.stats, medians,
                         result.view.get("experts"))
 
-
-def ray_running() -> bool:
-    """Whether this process has Ray initialised (never imports Ray: the CLI need not pay for it)."""
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
 
 
 def _scan(layout: RunLayout, record: RunRecord, threshold: float, partitions: list, pool: ScanPool | None,

@@ -212,3 +212,6 @@ def test_small_runs_scan_in_process_and_large_ones_on_actors(ray_cluster, tmp_pa
     large = analyse(str(path), num_actors=2, settings=replace(settings, scan_actors_from_mb=size / 2**20))
     assert started == [2]
     assert small["outlier_features"] == large["outlier_features"]
+    # Without num_actors, the recorded analysis.num_actors says how many.
+    analyse(str(path), settings=replace(settings, scan_actors_from_mb=size / 2**20, num_actors=3))
+    assert started == [2, 3]
