@@ -1,4 +1,8 @@
-"""Turn one micro-batch's captured activations into Parquet tables, off the critical path.
+"""Turn one micro-batch's captured activations into tables: Arrow IPC files (dense), Parquet (the rest).
+
+`prepare` runs on the stage's own thread, right after the layers (encoding, selection,
+statistics); `write` puts the prepared tables in files, on the writer's thread or inline
+(actors/background.py).
 
 Dense mode writes one table per micro-batch and layer-site (where: common.layout):
     columns: seq int64, pos int32, token_id int32, act fixed_size_list<float>[hidden]

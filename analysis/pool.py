@@ -83,7 +83,8 @@ class EarlyStart:
     """Starts a run's scan actors while its last micro-batches run: once the extraction's
     estimated time left falls to `lead_s`, the actor start (imports included) overlaps it.
 
-    The driver calls `check` after every commit; `pool` is then handed to analysis.analyse,
+    `after` wraps the driver's commit callback, which checks after every commit; `pool` is then
+    handed to analysis.analyse,
     or closed if the extraction fails.
     """
 
@@ -94,7 +95,7 @@ class EarlyStart:
         self.pool: ScanPool | None = None
 
     def after(self, on_commit: Callable[[list[int]], None]) -> Callable[[list[int]], None]:
-        """`on_commit` followed by the check, for cluster.pipeline.drive."""
+        """`on_commit` followed by the check, for the executors' run (cluster/executor.py)."""
         def commit(indices: list[int]) -> None:
             on_commit(indices)
             if self.pool is None and self.eta_s() <= self.lead_s:
