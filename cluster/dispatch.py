@@ -61,11 +61,6 @@ class Dispatcher:
     def finished(self) -> bool:
         return self.todo <= self.committed
 
-    @property
-    def idle(self) -> bool:
-        """No forward is running on any replica."""
-        return not any(r.running for r in self.replicas)
-
     def up(self) -> list[Replica]:
         return [r for r in self.replicas if r.state == "up"]
 
@@ -123,8 +118,3 @@ class Dispatcher:
         """`replica` is gone for good; the others finish the run."""
         self.lost(replica)
         self.replicas[replica].state = "dropped"
-
-    def left(self) -> list[int]:
-        """Micro-batches neither committed nor queued nor running (a bug if any at the end)."""
-        placed = set(self.queue).union(*(r.unwritten for r in self.replicas))
-        return sorted(self.todo - self.committed - placed)

@@ -44,15 +44,21 @@ def ray_cluster(faults_file):
     ray.shutdown()
 
 
+def run_killed(faults_file: Path, config: dict, kill: dict) -> None:
+    """`config` run with the `kill` fault armed, disarmed after; the stage must have been killed."""
+    faults_file.write_text(json.dumps([kill]))
+    try:
+        execute(load_config(config), quiet=True)
+    finally:
+        faults_file.write_text("[]")
+    assert Path(kill["once"]).exists(), "the stage was never killed"
+
+
 def test_a_killed_stage_is_restarted_and_loses_nothing(ray_cluster, fault_free_run, planted_checkpoint, faults_file,
                                                       tmp_path, caplog):
     marker = tmp_path / "killed"
-    faults_file.write_text(json.dumps([{"kind": "kill", "stage": 1, "batch": 2, "once": str(marker)}]))
-    try:
-        execute(load_config(fault_config(planted_checkpoint, tmp_path / "run")), quiet=True)
-    finally:
-        faults_file.write_text("[]")
-    assert marker.exists(), "the stage was never killed"
+    run_killed(faults_file, fault_config(planted_checkpoint, tmp_path / "run"),
+               {"kind": "kill", "stage": 1, "batch": 2, "once": str(marker)})
     assert "will run again" in caplog.text and "every stage answers again" in caplog.text
     record = stored_record(tmp_path / "run")
     assert record.status == "complete" and record.committed() == set(range(12))
@@ -63,14 +69,9 @@ def test_a_killed_stage_is_restarted_and_loses_nothing(ray_cluster, fault_free_r
 def test_a_stage_killed_in_one_replica_loses_nothing_and_the_other_replica_goes_on(
         ray_cluster, fault_free_run, planted_checkpoint, faults_file, tmp_path, caplog):
     marker = tmp_path / "killed"
-    faults_file.write_text(json.dumps([{"kind": "kill", "stage": 1, "replica": 1, "once": str(marker)}]))
     config = fault_config(planted_checkpoint, tmp_path / "run")
     config["pipeline"].update(num_replicas=2, cpus_per_stage=1)
-    try:
-        execute(load_config(config), quiet=True)
-    finally:
-        faults_file.write_text("[]")
-    assert marker.exists(), "the stage was never killed"
+    run_killed(faults_file, config, {"kind": "kill", "stage": 1, "replica": 1, "once": str(marker)})
     assert "r1: a stage was lost" in caplog.text and "will run again" in caplog.text
     record = stored_record(tmp_path / "run")
     assert record.status == "complete" and record.committed() == set(range(12))
