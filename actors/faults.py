@@ -51,7 +51,7 @@ def _claim(fault: dict) -> bool:
 
 def before_batch(stage: int, batch: int, replica: int = 0) -> None:
     for fault in _faults(stage, replica):
-        if fault["kind"] == "delay" and fault.get("batch", batch) == batch:
+        if fault["kind"] == "delay" and fault.get("batch", batch) == batch and _claim(fault):
             time.sleep(fault["seconds"])
         elif fault["kind"] == "kill" and fault.get("batch", batch) == batch and _claim(fault):
             os.kill(os.getpid(), signal.SIGKILL)

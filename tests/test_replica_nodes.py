@@ -5,6 +5,8 @@ run finished by the other three, with the fault-free tables.
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -47,6 +49,15 @@ def test_auto_runs_one_replica_per_node(four_nodes, planted_checkpoint, fault_fr
     assert assert_same_tables(tmp_path / "run", fault_free_run) == 12 * 32 * 12
 
 
+def hold_survivors(slow: Path, held_s: float) -> None:
+    """Each surviving replica sleeps `held_s` once more, at its next micro-batch, so the run
+    outlasts the loss's detection plus the 4 s revival timeout: the drop is always reached."""
+    armed = [{"kind": "delay", "stage": 0, "seconds": 1.0}]
+    armed += [{"kind": "delay", "stage": 0, "replica": r, "seconds": held_s, "once": str(slow.parent / f"held-{r}")}
+               for r in (0, 1, 3)]
+    slow.write_text(json.dumps(armed))
+
+
 def test_a_lost_node_leaves_the_run_to_the_other_replicas(four_nodes, planted_checkpoint, tmp_path, caplog,
                                                           monkeypatch):
     cluster, workers = four_nodes
@@ -63,6 +74,7 @@ def test_a_lost_node_leaves_the_run_to_the_other_replicas(four_nodes, planted_ch
     thread.start()
     wait_for_commits(Path(RunLayout.of(str(output)).record), at_least=1, timeout_s=180)
     lost = stored_record(output).plan[2 * 2].node_id  # r2's node
+    hold_survivors(Path(os.environ[faults.ENV]), held_s=8.0)
     cluster.remove_node(next(w for w in workers if w.node_id == lost))
     thread.join(timeout=240)
     assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
