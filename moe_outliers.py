@@ -28,7 +28,9 @@ from analysis.criteria import Criteria
 from analysis.report import FEATURE_KEYS, Summary
 from common import files
 from common.errors import ConfigError, RunError
-from common.layout import DENSE, EXCEEDANCES, ROUTING, RunLayout
+from common import storage
+from common.layout import RunLayout
+from common.storage import ACTIVATIONS, EXCEEDANCES, ROUTING
 from common.record import RunRecord, read_record
 
 __all__ = ["Run", "extract", "open_run", "main"]
@@ -133,8 +135,8 @@ class Run:
         layer, site; a bfloat16 run's float16 files read here without their patch of tiny values
         (off by at most 2^-25: analysis.scan.read_dense reads them exactly). Exceedance runs:
         layer, site, seq, pos, dim, value of every |x| >= the run's floor."""
-        dense = self.record.storage_mode == "dense"
-        kind = DENSE if dense else EXCEEDANCES
+        dense = storage.is_dense(self.record.storage_mode)
+        kind = ACTIVATIONS if dense else EXCEEDANCES
         if self.layout.local:  # Polars' own scan: memory-mapped Arrow, the hive folders as columns
             scan = pl.scan_ipc if dense else pl.scan_parquet
             frame = scan(f"{self.layout.kind(kind)}/**/*.{'arrow' if dense else 'parquet'}", hive_partitioning=dense)

@@ -1,9 +1,10 @@
-"""Where a stage's writer runs: the stage prepares each micro-batch's tables, a runner writes
-them, and the stage learns which micro-batches are fully written.
+"""Where a stage's files are written (`pipeline.writer`): the stage prepares each micro-batch's
+tables (actors/writer.py), a runner writes them, and the stage learns which micro-batches are
+fully written.
 
-- `BackgroundWriter`: on a thread of its own, beside the layers. For a GPU stage, whose layers
+- `ThreadRunner`: on a thread of its own, beside the layers. For a GPU stage, whose layers
   leave the CPU free, and for object stores, whose uploads mostly wait on the network.
-- `InlineWriter`: on the stage's thread, before `forward` returns. For a CPU stage writing to
+- `InlineRunner`: on the stage's thread, before `forward` returns. For a CPU stage writing to
   its own disk: its torch threads already use every core the stage was given, and a writer
   thread beside them slows the layers by more than the files cost (bench/RESULTS.md).
 """
@@ -19,23 +20,26 @@ from actors.batch import MicroBatch
 from common.errors import RunError, UserError
 
 
+WRITE_DEPTH = 2  # micro-batches prepared and waiting for the writes, by default (`pipeline.write_depth`)
+
+
 class WriteError(RunError):
     """A micro-batch's files could not be written; committed micro-batches stay valid."""
 
 
-def write(writer, index: int, pieces: list) -> None:
+def write_pieces(tables, index: int, pieces: list) -> None:
     """Write micro-batch `index`'s `pieces`; a failure of the disk or store as a WriteError
     that says which micro-batch and what to do, anything else (a bug) as it is."""
     try:
         faults.before_write(index)
-        writer.write(pieces)
+        tables.write(pieces)
     except (UserError, OSError) as err:  # common.files says which file and why, as a RunError
         raise WriteError(f"could not write the tables of micro-batch {index}: {str(err).rstrip('.')}. Committed "
                          "micro-batches are kept: rerun with --resume once the output has room (or is writable).") from err
 
 
-class BackgroundWriter:
-    """Runs a writer on its own thread behind a bounded queue.
+class ThreadRunner:
+    """Writes `tables`' pieces on a thread of its own, behind a bounded queue.
 
     `submit` blocks when `depth` micro-batches are waiting (back-pressure, so a slow
     disk slows the pipeline instead of filling memory). A micro-batch is reported by
@@ -43,8 +47,8 @@ class BackgroundWriter:
     on the next call from the stage.
     """
 
-    def __init__(self, writer, depth: int = 2):
-        self.writer = writer
+    def __init__(self, tables, depth: int):
+        self.tables = tables
         self._jobs: queue.Queue = queue.Queue(maxsize=depth)
         self._done: list[int] = []
         self._lock = threading.Lock()
@@ -61,7 +65,7 @@ class BackgroundWriter:
             try:
                 if self._error is None:
                     start = time.perf_counter()
-                    write(self.writer, index, pieces)
+                    write_pieces(self.tables, index, pieces)
                     self.write_s += time.perf_counter() - start
                     with self._lock:
                         self._done.append(index)
@@ -81,7 +85,7 @@ class BackgroundWriter:
         """Prepare the micro-batch's tables here (the caller's thread), then queue them."""
         self._raise_if_failed()
         start = time.perf_counter()
-        pieces = self.writer.prepare(batch, captured, moe)
+        pieces = self.tables.prepare(batch, captured, moe)
         prepared = time.perf_counter()
         self._jobs.put((batch.index, pieces))
         self.prepare_s += prepared - start
@@ -108,20 +112,20 @@ class BackgroundWriter:
         self._thread.join()
 
 
-class InlineWriter:
-    """Runs a writer on the caller's thread: `submit` prepares and writes a micro-batch's files
-    before it returns, so the stage's time waiting for the writer is its files' time."""
+class InlineRunner:
+    """Writes on the caller's thread: `submit` prepares and writes a micro-batch's files
+    before it returns, so the stage's time waiting for the writes is its files' time."""
 
-    def __init__(self, writer):
-        self.writer = writer
+    def __init__(self, tables):
+        self.tables = tables
         self._done: list[int] = []
         self.prepare_s = self.wait_s = self.write_s = 0.0
 
     def submit(self, batch: MicroBatch, captured: dict, moe: list | None = None) -> None:
         start = time.perf_counter()
-        pieces = self.writer.prepare(batch, captured, moe)
+        pieces = self.tables.prepare(batch, captured, moe)
         prepared = time.perf_counter()
-        write(self.writer, batch.index, pieces)
+        write_pieces(self.tables, batch.index, pieces)
         written = time.perf_counter() - prepared
         self.prepare_s += prepared - start
         self.wait_s += written

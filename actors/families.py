@@ -101,6 +101,7 @@ def _family(name: str, attention: tuple[str, ...] = ("self_attn",), mlp: tuple[s
 _GRANITE_SCALES = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22,
                    "attention_multiplier": 1 / 64, "logits_scaling": 8.0}
 _ROUTED_SCALE = {"routed_scaling_factor": 2.0}
+_DENSE_FIRST = {"mlp_layer_types": ["dense"] + ["sparse"] * 5}  # a dense MLP first: HF's layer types, not a storage mode
 _HYBRID = ("self_attn", "linear_attn")
 
 # model_type -> Family. Every entry is covered by tests/test_families.py: a tiny random-init
@@ -150,7 +151,7 @@ FAMILIES: dict[str, Family] = {
     "hy_v3": _family("HY-V3"),
     "hy_v4": _family("HY-V4", carries=(0, "prev_topk_indices"), scales={"hc_magnitude": 1.5}),
     "inkling_text": _family("Inkling (text)", scales={"logits_mup_width_multiplier": 4.0, "log_scaling_n_floor": 8},
-                            tiny={"mlp_layer_types": ["dense"] + ["sparse"] * 5}),
+                            tiny=_DENSE_FIRST),
     "inkling2_text": _family("Inkling2 (text)", refuse=(
         "its layers pass a growing list of block states to each other; a pipeline stage cannot hand it on")),
     "inkling2_loop_text": _family("Inkling2-Loop (text)", refuse=(
@@ -170,15 +171,14 @@ FAMILIES: dict[str, Family] = {
                                           "every token"),
     "longcat_flash": _family("LongCat-Flash", refuse=(
         "each layer holds two attention and two MLP blocks plus a shortcut MoE; the two sites are not one module each")),
-    "mellum": _family("Mellum", tiny={"layer_types": ["full_attention", "sliding_attention"] * 3,
-                                      "mlp_layer_types": ["dense"] + ["sparse"] * 5}),
+    "mellum": _family("Mellum", tiny={"layer_types": ["full_attention", "sliding_attention"] * 3, **_DENSE_FIRST}),
     "mimo_v2_flash": _family("MiMo-V2-Flash", scales={"attention_value_scale": 0.5, **_ROUTED_SCALE}),
     "minimax": _family("MiniMax (lightning + softmax attention)", scales={
         "full_attn_alpha_factor": 1.5, "full_attn_beta_factor": 0.75, "linear_attn_alpha_factor": 1.25,
         "linear_attn_beta_factor": 0.5, "mlp_alpha_factor": 1.5, "mlp_beta_factor": 0.5}),
     "minimax_m2": _family("MiniMax-M2"),
     "minimax_m3_vl_text": _family("MiniMax-M3 (text)", tiny={
-        "layer_types": ["full_attention", "minimax_m3_sparse"] * 3, "mlp_layer_types": ["dense"] + ["sparse"] * 5}),
+        "layer_types": ["full_attention", "minimax_m3_sparse"] * 3, **_DENSE_FIRST}),
     "mixtral": _family("Mixtral"),
     "nemotron_h": _family("Nemotron-H", refuse=(
         "each of its layers is a single mixer (Mamba, attention, MLP or MoE), so a layer has one site, not two")),

@@ -23,11 +23,14 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
 from actors.families import Family
+from common import storage
 from common.errors import ModelError
+from common.storage import EXPERTS, EXPERT_DIMS, ROUTING
 
 SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 SHARED = -1  # the expert id of a shared expert
@@ -181,17 +184,16 @@ def _routing_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor
     return values[0], values[1], values[2]
 
 
-def moe_tables(parts: list[tuple[list[int], torch.Tensor, dict]]) -> dict[str, "pa.Table"]:
+def moe_tables(parts: list[tuple[list[int], torch.Tensor, dict]]) -> dict[str, pa.Table]:
     """The routing and expert tables of one micro-batch, from (seqs, real-token mask # [batch, seq],
     `MoeProbe.pop()`) of each forward that ran it (two when it was split in halves); made on the host.
 
-    routing      layer, seq, pos, rank, expert, weight          one row per real token and rank
-    experts      layer, expert, tokens, max_abs, dim, seq, pos  one row per expert (shared: -1)
-    expert_dims  layer, expert, dim, count, max_abs             outputs >= floor, where any
+    routing      one row per real token and rank
+    experts      one row per expert (shared: -1): tokens routed, the largest |output| and where
+    expert_dims  per expert and dim, the outputs >= floor, where any
+    (their columns: common/storage.py)
     """
-    import pyarrow as pa
-
-    rows = {"routing": [], "experts": [], "expert_dims": []}
+    rows = {ROUTING: [], EXPERTS: [], EXPERT_DIMS: []}
     for seqs, keep, taken in parts:
         where, seq_len = torch.as_tensor(seqs, dtype=torch.long), keep.shape[1]
         real = keep.reshape(-1).cpu()  # [batch * seq]
@@ -201,60 +203,41 @@ def moe_tables(parts: list[tuple[list[int], torch.Tensor, dict]]) -> dict[str, "
                 index, weights = found["routing"]
                 if index.shape[-1] not in tokens:
                     tokens[index.shape[-1]] = _token_columns(where, real, seq_len, index.shape[-1])
-                rows["routing"].append(_routing_rows(layer, index, weights, real, tokens[index.shape[-1]]))
+                rows[ROUTING].append(_routing_rows(layer, index, weights, real, tokens[index.shape[-1]]))
             for name, first in (("experts", 0), ("shared", SHARED)):
                 if name in found:
                     summary, dims = _expert_rows(layer, found[name], first, where, seq_len)
-                    rows["experts"].append(summary)
-                    rows["expert_dims"].append(dims)
+                    rows[EXPERTS].append(summary)
+                    rows[EXPERT_DIMS].append(dims)
     return {kind: pa.concat_tables(tables) for kind, tables in rows.items() if tables}
 
 
 def _token_columns(seqs: torch.Tensor, real: torch.Tensor, seq_len: int, k: int) -> dict:
-    """seq, pos and rank of every real token's k routing rows # [real tokens * k], as Arrow arrays."""
-    import pyarrow as pa
-
+    """seq, pos and rank of every real token's k routing rows # [real tokens * k], as numpy arrays."""
     token = real.nonzero().squeeze(1).repeat_interleave(k)  # [real tokens * k]
-    return {"seq": pa.array(seqs[token // seq_len].numpy()),
-            "pos": pa.array((token % seq_len).int().numpy()),
-            "rank": pa.array(torch.arange(k, dtype=torch.int32).repeat(len(token) // k).numpy())}
+    return {"seq": seqs[token // seq_len].numpy(), "pos": (token % seq_len).int().numpy(),
+            "rank": torch.arange(k, dtype=torch.int32).repeat(len(token) // k).numpy()}
 
 
 def _routing_rows(layer: int, index: torch.Tensor, weights: torch.Tensor, real: torch.Tensor, columns: dict):
-    import pyarrow as pa
-
     index, weights = index.cpu()[real], weights.float().cpu()[real]  # [real tokens, k]
-    return pa.table({
-        "layer": pa.array(np.full(index.numel(), layer, np.int32)),
-        "seq": columns["seq"], "pos": columns["pos"], "rank": columns["rank"],
-        "expert": pa.array(index.reshape(-1).int().numpy()),
-        "weight": pa.array(weights.reshape(-1).numpy()),
-    })
+    return storage.table(ROUTING, layer=np.full(index.numel(), layer, np.int32), **columns,
+                         expert=index.reshape(-1).numpy(), weight=weights.reshape(-1).numpy())
 
 
 def _expert_rows(layer: int, stats: dict, first: int, seqs: torch.Tensor, seq_len: int):
     """(summary table, per-dim table); expert ids start at `first` (-1: the shared expert)."""
-    import pyarrow as pa
-
     stats = {k: v.cpu() for k, v in stats.items()}
     size = len(stats["tokens"])
     ids = torch.arange(size) + first if first >= 0 else torch.full((size,), SHARED)
     token = stats["token"].clamp(min=0)
-    summary = pa.table({
-        "layer": pa.array([layer] * size, pa.int32()),
-        "expert": pa.array(ids.int().numpy()),
-        "tokens": pa.array(stats["tokens"].numpy()),
-        "max_abs": pa.array(stats["max_abs"].numpy()),
-        "dim": pa.array(stats["dim"].int().numpy()),
-        "seq": pa.array(torch.where(stats["token"] >= 0, seqs[token // seq_len], -1).numpy()),
-        "pos": pa.array(torch.where(stats["token"] >= 0, token % seq_len, -1).int().numpy()),
-    })
+    summary = storage.table(
+        EXPERTS, layer=np.full(size, layer), expert=ids.numpy(), tokens=stats["tokens"].numpy(),
+        max_abs=stats["max_abs"].numpy(), dim=stats["dim"].numpy(),
+        seq=torch.where(stats["token"] >= 0, seqs[token // seq_len], -1).numpy(),
+        pos=torch.where(stats["token"] >= 0, token % seq_len, -1).numpy())
     expert, dim = stats["count"].nonzero(as_tuple=True)
-    dims = pa.table({
-        "layer": pa.array([layer] * len(expert), pa.int32()),
-        "expert": pa.array(ids[expert].int().numpy()),
-        "dim": pa.array(dim.int().numpy()),
-        "count": pa.array(stats["count"][expert, dim].numpy()),
-        "max_abs": pa.array(stats["dim_max"][expert, dim].numpy()),
-    })
+    dims = storage.table(EXPERT_DIMS, layer=np.full(len(expert), layer), expert=ids[expert].numpy(),
+                         dim=dim.numpy(), count=stats["count"][expert, dim].numpy(),
+                         max_abs=stats["dim_max"][expert, dim].numpy())
     return summary, dims

@@ -29,9 +29,10 @@ from actors.layers import HandoffError, LayerSlice, inner_model, same_state
 from actors.metrics import StageMetrics
 from actors.shard import ShardSpec, load_shard
 from actors.batch import MicroBatch
-from actors.background import BackgroundWriter, InlineWriter
-from actors.writer import make_writer
+from actors.background import WRITE_DEPTH, InlineRunner, ThreadRunner
+from actors.writer import tables_for
 from common.runtime import ray_running
+from common.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,15 @@ class StageSpec:
 
     index: int                   # the stage's place in its pipeline
     shard: ShardSpec
-    output: str                  # run directory (path or filesystem URI)
+    storage: StorageConfig       # the run's `storage:` section: output, mode, floor
+    capture: CaptureConfig = CaptureConfig()  # the run's `capture:` section: routing, experts, residual
     replica: int = 0             # which of the run's pipelines (cluster/dispatch.py)
+    # The stage's part of the `pipeline:` section (cluster/pipeline.py holds the defaults):
     device: str = "auto"         # auto: the GPU Ray gave us, else the CPU
-    write_depth: int = 2         # micro-batches queued for the writer before forward blocks
     writer: str = "auto"         # auto, thread or inline (actors/background.py)
+    write_depth: int = WRITE_DEPTH  # micro-batches queued for the writes before forward blocks
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
-    last: bool = False           # the last stage passes no hidden states on
     warm_up: tuple[int, int] = (1, 8)  # [batch, seq] of the warm-up forward: a micro-batch's shape
-    storage: str = "dense"       # dense activations, or exceedances (|x| >= floor) plus stats
-    floor: float = 3.0           # smallest |x| kept in exceedances mode (and counted per expert)
-    capture: CaptureConfig = CaptureConfig()  # routing, experts, residual
 
     @property
     def name(self) -> str:
@@ -95,18 +94,18 @@ class StageActor:
         self.capture = Capture(layers, family, self.config.model_type, residual=spec.capture.residual)
         wanted = spec.capture.routing or spec.capture.experts
         self.moe = MoeProbe(moe_blocks(layers, family), spec.capture.routing, spec.capture.experts,
-                            spec.floor) if wanted else None
+                            spec.storage.floor) if wanted else None
         self.unchecked = not self.slice.first  # the hand-off is checked on the first micro-batch
-        tables = make_writer(spec.output, spec.storage, spec.floor)
+        tables = tables_for(spec.storage.output, spec.storage.mode, spec.storage.floor)
         self.warm_up(tables)
         self.start_writing(tables, started)
 
-    def start_writing(self, writer, started: float) -> None:
-        """The writer's runner (actors/background.py) and the counters; the stage is ready once
-        this returns. With `writer: auto`, a CPU stage writing to a local path writes inline."""
+    def start_writing(self, tables, started: float) -> None:
+        """The runner of the tables' writes (actors/background.py) and the counters; the stage is
+        ready once this returns. With `writer: auto`, a CPU stage writing to a local path writes inline."""
         choice = self.spec.writer
-        inline = choice == "inline" or (choice == "auto" and self.device.type == "cpu" and writer.layout.local)
-        self.writer = InlineWriter(writer) if inline else BackgroundWriter(writer, depth=self.spec.write_depth)
+        inline = choice == "inline" or (choice == "auto" and self.device.type == "cpu" and tables.layout.local)
+        self.runner = InlineRunner(tables) if inline else ThreadRunner(tables, depth=self.spec.write_depth)
         self.load_s = time.perf_counter() - started
         self.busy_s = self.layers_s = 0.0
         self.tokens = self.micro_batches = 0
@@ -114,7 +113,7 @@ class StageActor:
 
     def warm_up(self, tables=None) -> None:
         """One forward of a micro-batch's shape before any real one, its tables prepared and
-        serialised by `tables` into nowhere (StageTables.rehearse).
+        serialised by `tables` into nowhere (Tables.rehearse).
 
         Past stage 0 it runs on what the model's forward brings layer a from stand-in
         embeddings of noise; families whose layers carry more than the hidden states need
@@ -217,7 +216,7 @@ class StageActor:
         if self.unchecked:
             self.check_handoff(batch, state, captured)
             self.unchecked = False
-        self.writer.submit(batch, captured, moe)
+        self.runner.submit(batch, captured, moe)
         # NOTE: the one device-to-host copy of the hidden states; the last stage has none.
         onward = None if state is None else tuple(None if t is None else t.cpu() for t in state)
         out = MicroBatch(batch.index, batch.seqs, batch.input_ids, batch.attention_mask, onward)
@@ -225,7 +224,7 @@ class StageActor:
         self.busy_s += busy_s
         self.tokens += tokens
         self.micro_batches += 1
-        written = self.writer.committed()
+        written = self.runner.committed()
         self._observe(tokens, written)
         return out, written
 
@@ -252,7 +251,7 @@ class StageActor:
 
     def flush(self) -> list[int]:
         """Block until every submitted micro-batch is written; returns those not yet reported."""
-        written = self.writer.flush()
+        written = self.runner.flush()
         self._observe(0, written)
         return written
 
@@ -260,7 +259,7 @@ class StageActor:
         """Write what is queued, stop the writer and take the hooks out; returns the micro-batches
         written since last reported."""
         written = self.flush()
-        self.writer.close()
+        self.runner.close()
         self.capture.remove()
         self.slice.remove()
         if self.moe:
@@ -269,7 +268,7 @@ class StageActor:
 
     def _observe(self, tokens: int, written: list[int]) -> None:
         """Dashboard metrics (actors/metrics.py)."""
-        self.metrics.observe(tokens, len(written), self.stats(), self.writer.depth())
+        self.metrics.observe(tokens, len(written), self.stats(), self.runner.depth())
 
     def info(self) -> dict:
         """Where this stage runs and what it holds, for the stored plan."""
@@ -292,10 +291,10 @@ class StageActor:
         """Counters since load. Of `busy_s` (seconds in `forward`): `layers_s` ran the layers,
         `tables_s` prepared the tables, `writer_wait_s` waited for the writer (room in its queue,
         or the files themselves when it runs inline); `write_s` is the time writing files."""
-        writer = self.writer
+        runner = self.runner
         return {"busy_s": self.busy_s, "tokens": self.tokens, "micro_batches": self.micro_batches,
-                "bytes_written": writer.writer.bytes_written, "layers_s": self.layers_s,
-                "tables_s": writer.prepare_s, "writer_wait_s": writer.wait_s, "write_s": writer.write_s}
+                "bytes_written": runner.tables.bytes_written, "layers_s": self.layers_s,
+                "tables_s": runner.prepare_s, "writer_wait_s": runner.wait_s, "write_s": runner.write_s}
 
 
 def profile(after: dict, before: dict | None = None) -> dict:

@@ -1,17 +1,13 @@
-"""Turn one micro-batch's captured activations into tables: Arrow IPC files (dense), Parquet (the rest).
+"""Turn one micro-batch's captured activations into tables, per storage mode (common/storage.py,
+which spells their columns): Arrow IPC files (dense), Parquet (the rest).
 
-`prepare` runs on the stage's own thread, right after the layers (encoding, selection,
-statistics); `write` puts the prepared tables in files, on the writer's thread or inline
-(actors/background.py).
+`prepare` runs on the stage's own thread, right after the layers (padding removal, encoding,
+selection, statistics); `write` puts the prepared tables in files, on a thread of its own or
+inline (actors/background.py).
 
-Dense mode writes one table per micro-batch and layer-site (where: common.layout):
-    columns: seq int64, pos int32, token_id int32, act fixed_size_list<float>[hidden]
-
-Exceedance mode (`storage.mode: exceedances`) writes, per micro-batch and stage (layers
-a..b), only the entries with |x| >= floor as one long table, and summary statistics of
-every entry, per (layer, site, dim):
-    exceedances  layer, site, seq, pos, dim, value float32
-    stats        layer, site, dim, count, max_abs, sum, sum_sq
+Dense mode writes one table per micro-batch and layer-site (where: common.layout). Exceedance
+mode writes, per micro-batch and stage (layers a..b), only the entries with |x| >= floor as
+one long table, and statistics of every entry per (layer, site, dim) as another.
 
 Padding positions are never written. Encoding of `act` is lossless:
 float32 models store float32. bfloat16 models store float16 when every value of the
@@ -34,26 +30,11 @@ from actors.batch import MicroBatch
 from actors.capture import RESIDUAL
 from actors.moe import moe_tables
 from actors.select import BlockSelector, select_torch
-from common import files, histogram
+from common import files, histogram, storage
 from common.patch import KEY as PATCH, pack, patchable
-from common.config import choice
-from common.layout import EXCEEDANCES, HISTOGRAMS, STATS, RunLayout
+from common.layout import RunLayout
+from common.storage import EXCEEDANCES, HISTOGRAMS, STATS
 from common.threshold import float32_bar
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    """The `storage:` config section: where a run's tables go, and which."""
-
-    output: str = "runs/latest"
-    """Run directory: a local path or a pyarrow filesystem URI (s3://..., gs://...)."""
-    mode: str = "dense"
-    """dense: every activation; exceedances: entries with |x| >= floor plus per-dim stats."""
-    floor: float = 3.0
-    """Smallest |x| kept in exceedances mode; analysis thresholds must be >= floor."""
-
-    def __post_init__(self):
-        choice("storage.mode", self.mode, ["dense", "exceedances"])
 
 
 def valid_rows(acts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -143,8 +124,8 @@ def residual_histogram(captured: dict, keep: torch.Tensor) -> pa.Table | None:
         counts = torch.bincount((magnitude.view(torch.int32) >> histogram.SHIFT).reshape(-1),
                                 minlength=histogram.BINS).cpu()
         (bins,) = counts.nonzero(as_tuple=True)
-        tables.append(pa.table({"layer": pa.array([layer] * len(bins), pa.int32()),
-                                "bin": pa.array(bins.int().numpy()), "count": pa.array(counts[bins].numpy())}))
+        tables.append(storage.table(HISTOGRAMS, layer=np.full(len(bins), layer), bin=bins.numpy(),
+                                    count=counts[bins].numpy()))
     return pa.concat_tables(tables) if tables else None
 
 
@@ -157,8 +138,8 @@ class Piece:
     ipc: bool = False
 
 
-class StageTables:
-    """A writer's two halves. `prepare` runs on the stage's thread and does every piece of tensor
+class Tables:
+    """A stage's tables, in two halves. `prepare` runs on the stage's thread and does every piece of tensor
     work (padding removal, encoding, selection, statistics) with torch, where the activations
     live; `write` only serializes finished tables, on the writer's own thread or inline
     (actors/background.py), so it takes little CPU beside the forward."""
@@ -167,7 +148,7 @@ class StageTables:
         self.layout = RunLayout.of(output)
         self.bytes_written = 0
 
-    def side(self, batch: MicroBatch, captured: dict, moe: list | None) -> list[Piece]:
+    def capture_pieces(self, batch: MicroBatch, captured: dict, moe: list | None) -> list[Piece]:
         """The capture tables (routing, experts, residual histograms), one file per kind."""
         keep = batch.attention_mask.bool()
         tables = moe_tables(moe) if moe else {}
@@ -198,7 +179,7 @@ def _stage_layers(captured: dict) -> range:
     return range(min(layers), max(layers) + 1)
 
 
-class ActivationWriter(StageTables):
+class DenseTables(Tables):
     """The dense activation tables of one stage's micro-batches: one Arrow IPC file per
     layer-site (written at memory speed: the act column is one buffer of raw values)."""
 
@@ -206,24 +187,20 @@ class ActivationWriter(StageTables):
                 moe: list | None = None) -> list[Piece]:
         keep = batch.attention_mask.bool().cpu()  # [batch, seq]
         rows, pos = keep.nonzero(as_tuple=True)
-        columns = {
-            "seq": pa.array(np.asarray(batch.seqs, dtype=np.int64)[rows.numpy()]),
-            "pos": pa.array(pos.numpy().astype(np.int32)),
-            "token_id": pa.array(batch.input_ids.cpu()[keep].numpy().astype(np.int32)),
-        }
-        pieces = self.side(batch, captured, moe)
+        tokens = {"seq": np.asarray(batch.seqs, dtype=np.int64)[rows.numpy()], "pos": pos.numpy(),
+                  "token_id": batch.input_ids.cpu()[keep].numpy()}
+        pieces = self.capture_pieces(batch, captured, moe)
         for (layer, site), acts in sorted(captured.items()):
             # NOTE: padding is dropped on the device, so only real tokens cross to the host.
             values, encoding, patch = encode(valid_rows(acts, keep))  # [rows, hidden]
-            act = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
             metadata = {"encoding": encoding, "model_dtype": str(acts.dtype).removeprefix("torch.")}
-            table = pa.table({**columns, "act": act}).replace_schema_metadata(
+            table = storage.dense_table(values, **tokens).replace_schema_metadata(
                 metadata if patch is None else {**metadata, PATCH: patch})
             pieces.append(Piece(self.layout.dense(layer, site, batch.index), table, ipc=True))
         return pieces
 
 
-class ExceedanceWriter(StageTables):
+class ExceedanceTables(Tables):
     """Writes, per micro-batch, the entries with |x| >= floor of every layer-site of the stage
     as one long table, and per-(layer, site, dim) statistics of all entries as another.
 
@@ -253,7 +230,7 @@ class ExceedanceWriter(StageTables):
             stats.append(_tagged_stats(part_stats, group))
         layers = _stage_layers(captured)
         # NOTE: stats last: a stats file is what marks the micro-batch's layer-sites as present.
-        return [*self.side(batch, captured, moe),
+        return [*self.capture_pieces(batch, captured, moe),
                 Piece(self.layout.stage_table(EXCEEDANCES, layers, batch.index), pa.concat_tables(kept)),
                 Piece(self.layout.stage_table(STATS, layers, batch.index), pa.concat_tables(stats))]
 
@@ -275,32 +252,24 @@ def _key_columns(group: list[tuple[int, str]], index: np.ndarray) -> dict:
     """layer and site columns for rows that belong to `group[index]`."""
     layers = np.array([layer for layer, _ in group], dtype=np.int32)
     sites = pa.array([site for _, site in group], pa.string())
-    return {"layer": pa.array(layers[index]), "site": sites.take(pa.array(index))}
+    return {"layer": layers[index], "site": sites.take(pa.array(index))}
 
 
 def _tagged(kept: tuple, group: list, seq: torch.Tensor, pos: torch.Tensor) -> pa.Table:
     """The long table (layer, site, seq, pos, dim, value) of one group's kept entries."""
     site, token, dim, value = kept
-    return pa.table({
-        **_key_columns(group, site.numpy()),
-        "seq": pa.array(seq[token].numpy()),
-        "pos": pa.array(pos[token].numpy().astype(np.int32)),
-        "dim": pa.array(dim.numpy().astype(np.int32)),
-        "value": pa.array(value.numpy()),
-    })
+    return storage.table(EXCEEDANCES, **_key_columns(group, site.numpy()), seq=seq[token].numpy(),
+                         pos=pos[token].numpy(), dim=dim.numpy(), value=value.numpy())
 
 
 def _tagged_stats(stats: dict, group: list) -> pa.Table:
     """(layer, site, dim, count, max_abs, sum, sum_sq): one row per layer-site and dim."""
     sites, hidden = stats["count"].shape
-    return pa.table({
-        **_key_columns(group, np.repeat(np.arange(sites), hidden)),
-        "dim": pa.array(np.tile(np.arange(hidden, dtype=np.int32), sites)),
-        **{k: pa.array(v.reshape(-1)) for k, v in stats.items()},
-    })
+    return storage.table(STATS, **_key_columns(group, np.repeat(np.arange(sites), hidden)),
+                         dim=np.tile(np.arange(hidden, dtype=np.int32), sites),
+                         **{k: v.reshape(-1) for k, v in stats.items()})
 
 
-def make_writer(output: str, mode: str = "dense", floor: float = 3.0):
-    """The writer for `storage.mode` (checked by StorageConfig): dense activations, or
-    exceedances plus stats."""
-    return ExceedanceWriter(output, floor) if mode == "exceedances" else ActivationWriter(output)
+def tables_for(output: str, mode: str, floor: float) -> Tables:
+    """The tables of `storage.mode`: dense activations, or exceedances plus stats."""
+    return DenseTables(output) if storage.is_dense(mode) else ExceedanceTables(output, floor)

@@ -17,6 +17,7 @@ import logging
 from typing import Callable
 
 from analysis.scan import Partial, Scanner
+from common import storage
 from common.layout import RunLayout
 from common.record import RunRecord
 
@@ -61,7 +62,7 @@ class ScanPool:
 
         count = max(1, min(len(self.actors), len(partitions)))
         args = (layout, record, threshold, allow_partial)
-        if record.storage_mode == "dense":
+        if storage.is_dense(record.storage_mode):
             jobs = [a.scan.remote(*args, partitions[i::count]) for i, a in enumerate(self.actors[:count])]
         else:
             jobs = [a.scan.remote(*args, partitions, (i, count)) for i, a in enumerate(self.actors[:count])]

@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from analysis.scan import read_frame
+from common import storage
 from common.layout import RunLayout
 from common.record import RunRecord
 
@@ -55,7 +56,7 @@ def layer_profile(stats: pl.DataFrame, medians: pl.DataFrame | None) -> pl.DataF
 def median_abs(layout: RunLayout, record: RunRecord, partitions: list[tuple[int, str]],
                max_rows: int = 4096) -> pl.DataFrame | None:
     """Median |x| per layer over a sample of its dense activations; None for exceedance runs."""
-    if record.storage_mode != "dense":
+    if not storage.is_dense(record.storage_mode):
         return None
     samples: dict[int, list[np.ndarray]] = {}
     for layer, site in partitions:

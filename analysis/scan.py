@@ -27,23 +27,18 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from common import patch
+from common import patch, storage
 from common.errors import ConfigError, RunError
-from common.layout import EXCEEDANCES, STATS, RunLayout
+from common.layout import RunLayout
+from common.storage import EXCEEDANCES, STATS
 from common.record import RunRecord
 from common.threshold import exceeding
 
 log = logging.getLogger(__name__)
 
-EXCEEDANCE_SCHEMA = {
-    "layer": pl.Int32,
-    "site": pl.String,
-    "seq": pl.Int64,
-    "pos": pl.Int32,
-    "dim": pl.Int32,
-    "value": pl.Float32,
-}
-STATS_SCHEMA = {
+EXCEEDANCE_SCHEMA = dict(pl.from_arrow(storage.SCHEMAS[EXCEEDANCES].empty_table()).schema)
+DENSE_COLUMNS = ["seq", "pos", "act"]  # of storage.dense_schema: what the criteria need
+STATS_SCHEMA = {  # a Partial's, not the stored table's: the count is at the scan's threshold
     "layer": pl.Int32,
     "site": pl.String,
     "dim": pl.Int32,
@@ -82,7 +77,7 @@ def _concat(tables: list[pl.DataFrame], schema: dict) -> pl.DataFrame:
 
 def list_partitions(layout: RunLayout, record: RunRecord) -> list[tuple[int, str]]:
     """The (layer, site) partitions present on disk, sorted."""
-    if record.storage_mode == "dense":
+    if storage.is_dense(record.storage_mode):
         parts = set(layout.dense_partitions())
     else:
         # NOTE: a stage writes all of its layer-sites into every file of its folder: one
@@ -131,7 +126,7 @@ class Scanner:
         self.threshold = float(threshold)
         self.allow_partial = allow_partial
         self.skipped: list[str] = []
-        if record.storage_mode == "exceedances" and self.threshold < record.floor:
+        if storage.mode(record.storage_mode).floor and self.threshold < record.floor:
             raise ConfigError(
                 f"analysis.threshold={threshold}: below the run's storage floor {record.floor}, so "
                 f"smaller entries were never stored. Use threshold >= {record.floor}, or re-extract "
@@ -141,7 +136,7 @@ class Scanner:
     def scan(self, partitions: list[tuple[int, str]], share: tuple[int, int] = (0, 1)) -> Partial:
         """What `partitions` hold; of a stored run, only every share[1]-th file from share[0]."""
         self.skipped = []
-        if self.record.storage_mode != "dense":
+        if not storage.is_dense(self.record.storage_mode):
             return self._stored(partitions, share)
         # NOTE: numpy and pyarrow release the GIL, so the partitions are read in threads, one per core.
         with ThreadPoolExecutor(max(1, min(len(partitions), os.cpu_count() or 1))) as pool:
@@ -165,7 +160,7 @@ class Scanner:
         found = [
             self._exceeding(path, table, max_abs, count)
             for path in paths
-            if (table := self._read(path, ["seq", "pos", "act"], read_dense)) is not None
+            if (table := self._read(path, DENSE_COLUMNS, read_dense)) is not None
         ]
         # NOTE: one frame per partition from numpy, not a Polars concat of a frame per file (5x).
         entries = {name: np.concatenate([f[name] for f in found]) if found else np.zeros(0)
@@ -193,12 +188,12 @@ class Scanner:
 
     def _stored(self, partitions: list[tuple[int, str]], share: tuple[int, int]) -> Partial:
         first, step = share
-        wanted = _among(partitions)
-        kept = wanted & (pl.col("value").abs().cast(pl.Float64) >= self.threshold)
+        among = _among(partitions)
+        kept = among & (pl.col("value").abs().cast(pl.Float64) >= self.threshold)
 
         def read(kind: str, columns: list[str], schema: dict) -> pl.DataFrame:
             paths = self.layout.stage_files(kind)[first::step]
-            chosen = kept if kind == EXCEEDANCES else wanted
+            chosen = kept if kind == EXCEEDANCES else among
             return _concat([t.filter(chosen).cast(schema) for t in self._read_all(paths, columns)], schema)
 
         exceedances = read(EXCEEDANCES, list(EXCEEDANCE_SCHEMA), EXCEEDANCE_SCHEMA)

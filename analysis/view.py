@@ -15,7 +15,8 @@ from analysis import bootstrap, experts, massive
 from analysis.criteria import Criteria
 from analysis.scan import Partial, Scanner, read_kind
 from common import files
-from common.layout import EXPERT_DIMS, EXPERTS, HISTOGRAMS, RESIDUAL, ROUTING, RunLayout
+from common.layout import RESIDUAL, RunLayout
+from common.storage import EXPERTS, EXPERT_DIMS, HISTOGRAMS, ROUTING
 from common.record import RunRecord
 
 

@@ -18,13 +18,14 @@ from pathlib import Path
 
 from bench import baselines, extract, report
 from bench.workload import CORES, FLOOR, QUICK, Workload
+from common.storage import DENSE, EXCEEDANCES
 
 HERE = Path(__file__).parent
 # key, stages, storage mode, captures: the rows, then the MoE view's capture costs
-PIPELINE_ROWS = [("c1", 1, "dense", {}), ("c2", 2, "dense", {}),
-                 ("d1", 1, "exceedances", {}), ("d2", 2, "exceedances", {}),
-                 ("r1", 1, "dense", {"routing": True}), ("x1", 1, "dense", {"experts": True}),
-                 ("p2", 1, "dense", {"replicas": 2})]  # 2 replicas of 1 stage, 1 CPU each
+PIPELINE_ROWS = [("c1", 1, DENSE, {}), ("c2", 2, DENSE, {}),
+                 ("d1", 1, EXCEEDANCES, {}), ("d2", 2, EXCEEDANCES, {}),
+                 ("r1", 1, DENSE, {"routing": True}), ("x1", 1, DENSE, {"experts": True}),
+                 ("p2", 1, DENSE, {"replicas": 2})]  # 2 replicas of 1 stage, 1 CPU each
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -67,7 +68,7 @@ def rows(rounds: list[dict], details: list[dict], analysis: dict) -> dict:
     }
     for key, stages, mode, capture in PIPELINE_ROWS:
         bubble = statistics.median(d[key]["bubble"] for d in details if d[key]["bubble"] is not None)
-        label = "dense" if mode == "dense" else f"exceedances >= {FLOOR:g}"
+        label = DENSE if mode == DENSE else f"exceedances >= {FLOOR:g}"
         label += "".join(f", capture.{name}" for name in capture if name != "replicas")
         replicas = capture.get("replicas", 1)
         actors = stages * replicas
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
 
     ray.shutdown()  # the analysis rows run in this process, as `python -m analysis` does
     analysis = {mode: extract.analysis_rows(details[-1][key]["run_dir"], max(3, count))
-                for mode, key in (("dense", "c1"), ("exceedances", "d1"))}
+                for mode, key in ((DENSE, "c1"), (EXCEEDANCES, "d1"))}
     for r in rounds:
         for key in ("c1", "d1", "c2", "d2"):
             r[key + "_e2e"] = r[key] + r[key + "_analysis"]

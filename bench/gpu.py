@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 import torch  # noqa: E402
 
+from common.storage import DENSE, EXCEEDANCES, StorageConfig  # noqa: E402
+
 OLMOE = dict(hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
              num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, vocab_size=50304,
              max_position_embeddings=4096)
@@ -85,8 +87,8 @@ def captured(model, batches, device, out: Path, mode: str, floor: float) -> dict
     # model already in GPU memory (writing and reading a 14 GB checkpoint would take minutes).
     stage_module.load_shard = lambda spec, device: model
     layers = range(model.config.num_hidden_layers)
-    spec = StageSpec(0, ShardSpec("random-init", layers, "bfloat16"), str(out / mode),
-                     device=str(device), last=True, storage=mode, floor=floor)
+    spec = StageSpec(0, ShardSpec("random-init", layers, "bfloat16"), StorageConfig(str(out / mode), mode, floor),
+                     device=str(device))
     executor = LocalExecutor(PipelineConfig())  # the local executor: one stage, in this process
     executor.start([[spec]])
     stage = executor.stages[0]
@@ -126,14 +128,14 @@ def main(argv=None) -> int:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     rows = {"(a) plain forward": {"seconds": plain(model, batches, device)}}
-    rows["(c) capture, dense"] = captured(model, batches, device, out, "dense", args.floor)
+    rows["(c) capture, dense"] = captured(model, batches, device, out, DENSE, args.floor)
     if not args.keep:
-        shutil.rmtree(out / "dense", ignore_errors=True)  # free the disk before the next row
+        shutil.rmtree(out / DENSE, ignore_errors=True)  # free the disk before the next row
     rows[f"(d) capture, exceedances >= {args.floor:g}"] = captured(
-        model, batches, device, out, "exceedances", args.floor)
+        model, batches, device, out, EXCEEDANCES, args.floor)
     report(rows, tokens.numel(), device, shape, build_s, out / "gpu_bench.json")
     if not args.keep:
-        shutil.rmtree(out / "exceedances", ignore_errors=True)
+        shutil.rmtree(out / EXCEEDANCES, ignore_errors=True)
     return 0
 
 

@@ -45,6 +45,7 @@ def measure(cache_dir: str) -> dict:
 
     from actors.shard import ShardSpec
     from actors.stage import StageSpec
+    from common.storage import StorageConfig
     from cluster.executor import LocalExecutor
     from cluster.pipeline import PipelineConfig
     from actors.batch import MicroBatch
@@ -56,8 +57,8 @@ def measure(cache_dir: str) -> dict:
     reset_peak()
     base = status("VmRSS")  # the process with every module imported: fixed overhead
     out = tempfile.mkdtemp(prefix="bench-memory-")
-    spec = StageSpec(0, ShardSpec(path, range(0, SPEC["num_layers"] // 2), "float32"), out,
-                     num_threads=1, last=False)
+    spec = StageSpec(0, ShardSpec(path, range(0, SPEC["num_layers"] // 2), "float32"), StorageConfig(out),
+                     num_threads=1)
     executor = LocalExecutor(PipelineConfig())  # the local executor: the stage in this process
     with Sampler() as sampled:
         executor.start([[spec]])

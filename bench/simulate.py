@@ -35,9 +35,10 @@ from actors.batch import MicroBatch
 from actors.families import SITES
 from actors.shard import ShardSpec
 from actors.stage import StageActor, StageSpec, pick_device
-from actors.writer import ActivationWriter, ExceedanceWriter
+from actors.writer import DenseTables, ExceedanceTables
+from common.storage import DENSE, EXCEEDANCES, StorageConfig
 
-MODES = ("none", "dense", "exceedances")
+MODES = ("none", DENSE, EXCEEDANCES)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Case:
     """One simulated pipeline."""
 
     stages: int
-    mode: str = "dense"          # none (no captures), dense or exceedances
+    mode: str = DENSE          # none (no captures), dense or exceedances
     hidden: int = 2048
     wait_s: float = 0.060        # T: a stage's layer compute per micro-batch
     micro_batches: int = 32      # M
@@ -107,11 +108,11 @@ class Sink:
         self.bytes_written += self.rehearse(pieces)
 
 
-class DenseSink(Sink, ActivationWriter):
+class DenseSink(Sink, DenseTables):
     pass
 
 
-class ExceedanceSink(Sink, ExceedanceWriter):
+class ExceedanceSink(Sink, ExceedanceTables):
     pass
 
 
@@ -138,21 +139,21 @@ class SimStage(StageActor):
         shape = (1, case.seq_len, case.hidden)  # [batch, seq, hidden]
         self.config = SimpleNamespace(hidden_size=case.hidden, model_type="simulated")
         state = torch.randn(*shape, generator=gen).to(torch.bfloat16).to(self.device)
-        self.slice = WaitSlice(state, case.wait_s, spec.index == 0, spec.last)
+        self.slice = WaitSlice(state, case.wait_s, spec.index == 0, spec.index == case.stages - 1)
         layers = spec.shard.layers if case.mode != "none" else range(0)
         self.capture = StandInCapture({(layer, site): torch.randn(*shape, generator=gen).to(torch.bfloat16)
                                       .to(self.device) for layer in layers for site in SITES})
         self.moe, self.unchecked, self.model = None, False, torch.nn.Module()  # no weights
-        writer = {"none": NoTables, "dense": lambda: DenseSink(spec.output),
-                  "exceedances": lambda: ExceedanceSink(spec.output, spec.floor)}[case.mode]()
+        writer = {"none": NoTables, DENSE: lambda: DenseSink(spec.storage.output),
+                  EXCEEDANCES: lambda: ExceedanceSink(spec.storage.output, spec.storage.floor)}[case.mode]()
         self.start_writing(writer, started)
 
 
 def stage_specs(case: Case, replica: int = 0) -> list[StageSpec]:
     return [StageSpec(i, ShardSpec("simulated", range(i * case.layers, (i + 1) * case.layers), "bfloat16"),
-                      output="/nonexistent", device=case.device, last=i == case.stages - 1, replica=replica,
-                      writer="thread",  # a GPU stage's writer, on its own thread, whatever the device
-                      storage="exceedances" if case.mode == "exceedances" else "dense")
+                      StorageConfig("/nonexistent", EXCEEDANCES if case.mode == EXCEEDANCES else DENSE),
+                      device=case.device, replica=replica,
+                      writer="thread")  # a GPU stage's writes, on their own thread, whatever the device
             for i in range(case.stages)]
 
 
@@ -238,13 +239,13 @@ def writer_rows(directory: str, hidden: int = 2048, seq_len: int = 2048, layers:
     Both end with `os.sync()`, so each figure is the time until the bytes are on the disk,
     not only in the page cache. `prepare` (the stage's thread) is reported apart from `write`.
     """
-    case = Case(1, "dense", hidden, 0.0, micro_batches, seq_len, layers)
+    case = Case(1, DENSE, hidden, 0.0, micro_batches, seq_len, layers)
     gen = torch.Generator().manual_seed(0)
     sites = {(layer, site): torch.randn(1, seq_len, hidden, generator=gen).to(torch.bfloat16)
              for layer in range(layers) for site in SITES}
     root = tempfile.mkdtemp(prefix="moe-outliers-writer-", dir=directory)
     try:
-        writer = ActivationWriter(root)
+        writer = DenseTables(root)
         os.sync()
         prepare_s = write_s = 0.0
         for batch in batches(case, micro_batches):

@@ -13,6 +13,7 @@ import copy
 from dataclasses import dataclass
 
 from cluster.plants import default_plants
+from common.storage import DENSE
 
 FLOOR = 3.0  # exceedance mode keeps |x| >= FLOOR; the analysis threshold (6.0) is above it
 CORES = 2  # the reference machine's: what the stages of every row share
@@ -39,7 +40,7 @@ class Workload:
             "plants": [{"dim": p.dim, "layers": list(p.layers), "scale": p.scale} for p in plants],
         }
 
-    def config(self, output: str, num_stages: int = 1, mode: str = "dense", capture: dict | None = None,
+    def config(self, output: str, num_stages: int = 1, mode: str = DENSE, capture: dict | None = None,
                replicas: int = 1, **pipeline) -> dict:
         """A run config (dict) for `cluster.run.execute` over this workload: the stages of every
         replica share CORES, each with as many torch threads as whole cores."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from actors.capture import CaptureConfig
-from actors.writer import StorageConfig
+from common.storage import StorageConfig
 from analysis import AnalysisConfig
 from cluster.data import DataConfig
 from cluster.pipeline import PipelineConfig

@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timezone
 
 from cluster.plan import plan_micro_batches
-from common import files
+from common import files, storage
 from common.errors import RunError
 from common.layout import RunLayout
 from common.record import BatchRecord, RunRecord, StageRecord, read_record, write_record
@@ -74,7 +74,7 @@ def new_record(config, prepared) -> RunRecord:
     return RunRecord(
         num_layers=body.num_layers, hidden_size=body.hidden_size, tokens=int(prepared.tokens.numel()),
         storage_mode=config.storage.mode,
-        floor=config.storage.floor if config.storage.mode == "exceedances" else None,
+        floor=config.storage.floor if storage.mode(config.storage.mode).floor else None,
         seq_len=config.data.seq_len, num_sequences=config.data.num_sequences,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         config=config.to_dict(), output=files.absolute(config.storage.output),  # jobs run in a temp dir

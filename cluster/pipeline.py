@@ -14,6 +14,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from actors.background import WRITE_DEPTH
 from actors.stage import StageActor, StageSpec
 from actors.batch import MicroBatch
 from common import logs
@@ -44,7 +45,7 @@ class PipelineConfig:
     """CPU cores reserved for each stage actor."""
     threads_per_stage: int = 0
     """torch threads in a stage; 0 means cpus_per_stage."""
-    write_depth: int = 2
+    write_depth: int = WRITE_DEPTH
     """Micro-batches queued for a stage's writer before the stage waits."""
     writer: str = "auto"
     """Where a stage writes its files: auto (inline on a CPU stage writing to a local path, else

@@ -31,7 +31,7 @@ from cluster.plan import PlanError, plan_micro_batches
 from cluster.shape import Activations, Shape, activations, check_fits, describe, fewest_stages, fixed_shape
 from cluster.progress import Progress
 from cluster.tiny_model import build_tiny
-from common import files
+from common import files, storage
 from common.layout import RunLayout
 from common.record import RunRecord
 
@@ -134,16 +134,13 @@ def stage_specs(config: RunConfig, prepared: Prepared, output: str, replica: int
                 prepared.model_path, layers, prepared.anatomy.dtype,
                 config.model.experts_implementation, config.model.attn_implementation,
             ),
-            output=output,
-            device=pipe.device,
-            write_depth=pipe.write_depth,
-            writer=pipe.writer,
-            num_threads=pipe.threads_per_stage or (None if local else max(1, int(pipe.cpus_per_stage))),
-            last=index == len(prepared.stages) - 1,
-            warm_up=(pipe.micro_batch_size, config.data.seq_len),
-            storage=config.storage.mode,
-            floor=config.storage.floor,
+            storage=replace(config.storage, output=output),
             capture=config.capture,
+            device=pipe.device,
+            writer=pipe.writer,
+            write_depth=pipe.write_depth,
+            num_threads=pipe.threads_per_stage or (None if local else max(1, int(pipe.cpus_per_stage))),
+            warm_up=(pipe.micro_batch_size, config.data.seq_len),
         )
         for index, layers in enumerate(prepared.stages)
     ]
@@ -160,19 +157,17 @@ def micro_batches(tokens: torch.Tensor, size: int, skip: set[int]) -> list[Micro
 
 def write_tokens(layout: RunLayout, tokens: torch.Tensor) -> None:
     """seq, pos, token_id of every token of the run # tokens [num_sequences, seq_len] (packed: no padding)."""
-    import pyarrow as pa
 
     seq, pos = torch.meshgrid(torch.arange(tokens.shape[0]), torch.arange(tokens.shape[1]), indexing="ij")
-    files.write_table(layout.fs, layout.tokens, pa.table({
-        "seq": pa.array(seq.reshape(-1).numpy()), "pos": pa.array(pos.reshape(-1).int().numpy()),
-        "token_id": pa.array(tokens.reshape(-1).int().numpy())}))
+    files.write_table(layout.fs, layout.tokens, storage.table(
+        storage.TOKENS, seq=seq.reshape(-1).numpy(), pos=pos.reshape(-1).numpy(), token_id=tokens.reshape(-1).numpy()))
 
 
 def expected_table_bytes(config: RunConfig, prepared: Prepared) -> int:
     """About how many bytes of tables the run will write (dense: every value at 2 or 4 bytes;
     exceedances: the per-dim statistics alone, the kept entries being unknown in advance)."""
     body, sites = prepared.anatomy, 2 + config.capture.residual
-    if config.storage.mode == "dense":
+    if storage.is_dense(config.storage.mode):
         width = 4 if body.dtype == "float32" else 2
         return prepared.tokens.numel() * body.num_layers * sites * body.hidden_size * width
     batches = len(plan_micro_batches(len(prepared.tokens), config.pipeline.micro_batch_size))

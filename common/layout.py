@@ -25,14 +25,10 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from common import files
+from common.storage import ACTIVATIONS, STAGE_KINDS
 
 SITES = ("ln_attn", "ln_mlp")  # the inputs of the attention and MLP blocks: what the criteria read
 RESIDUAL = "resid"  # a decoder layer's output, with capture.residual
-DENSE = "activations"
-EXCEEDANCES, STATS = "exceedances", "stats"
-ROUTING, EXPERTS, EXPERT_DIMS, HISTOGRAMS = "routing", "experts", "expert_dims", "histograms"
-# One table per stage and micro-batch (the capture kinds only when captured).
-STAGE_KINDS = (EXCEEDANCES, STATS, ROUTING, EXPERTS, EXPERT_DIMS, HISTOGRAMS)
 _BATCH = re.compile(r"mb-(\d+)\.(parquet|arrow)")
 _PARTITION = re.compile(r"layer=(\d+)/site=([^/]+)$")
 _STAGE = re.compile(r"layers=(\d+)-(\d+)$")
@@ -92,7 +88,7 @@ class RunLayout:
     # -- tables --
 
     def dense_partition(self, layer: int, site: str) -> str:
-        return f"{self.root}/{DENSE}/layer={layer}/site={site}"
+        return f"{self.root}/{ACTIVATIONS}/layer={layer}/site={site}"
 
     def dense(self, layer: int, site: str, batch: int) -> str:
         return f"{self.dense_partition(layer, site)}/{batch_file(batch, 'arrow')}"
@@ -140,7 +136,7 @@ class RunLayout:
 
     def dense_partitions(self) -> list[tuple[int, str]]:
         """The (layer, site) partitions of dense tables on disk, sorted."""
-        found = [(int(m[1]), m[2]) for layer in files.folders(self.fs, self.kind(DENSE))
+        found = [(int(m[1]), m[2]) for layer in files.folders(self.fs, self.kind(ACTIVATIONS))
                  for site in files.folders(self.fs, layer) if (m := _PARTITION.search(site))]
         return sorted(found)
 
@@ -161,14 +157,14 @@ class RunLayout:
     def batch_tables(self) -> list[tuple[str, int]]:
         """(path, micro-batch) of every table of every kind."""
         found = []
-        for kind in (DENSE, *STAGE_KINDS):
+        for kind in (ACTIVATIONS, *STAGE_KINDS):
             found += [(e.path, i) for e in files.files(self.fs, self.kind(kind), recursive=True)
                       if (i := batch_index(e.base_name)) is not None]
         return found
 
     def table_bytes(self) -> int:
         """Bytes of every captured table of the run (what a scan reads at most)."""
-        return sum(e.size for kind in (DENSE, *STAGE_KINDS)
+        return sum(e.size for kind in (ACTIVATIONS, *STAGE_KINDS)
                    for e in files.files(self.fs, self.kind(kind), recursive=True)
                    if batch_index(e.base_name) is not None)
 

@@ -12,12 +12,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from common import files
+from common import files, storage
 from common.errors import RunError
 from common.layout import RunLayout
 
 VERSION = 2
-MODES = ("dense", "exceedances")
 
 
 @dataclass
@@ -50,7 +49,7 @@ class RunRecord:
     num_layers: int
     hidden_size: int
     tokens: int                  # tokens per layer-site (padding excluded)
-    storage_mode: str = "dense"
+    storage_mode: str = storage.DENSE
     floor: float | None = None   # exceedances: smallest |x| stored
     seq_len: int | None = None
     num_sequences: int | None = None
@@ -71,10 +70,10 @@ class RunRecord:
     version: int = VERSION
 
     def __post_init__(self):
-        if self.storage_mode not in MODES:
-            raise RunError(f"run record: storage_mode={self.storage_mode!r}; analysis reads one of {list(MODES)}.")
-        if self.storage_mode == "exceedances" and self.floor is None:
-            raise RunError("run record: storage_mode='exceedances' needs 'floor'; re-run extraction.")
+        if self.storage_mode not in storage.MODES:
+            raise RunError(f"run record: storage_mode={self.storage_mode!r}; analysis reads one of {list(storage.MODES)}.")
+        if storage.mode(self.storage_mode).floor and self.floor is None:
+            raise RunError(f"run record: storage_mode={self.storage_mode!r} needs 'floor'; re-run extraction.")
 
     def committed(self) -> set[int]:
         return {i for i, batch in self.batches.items() if batch.status == "committed"}

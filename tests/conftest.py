@@ -15,6 +15,7 @@ from actors import faults
 from actors.families import SITES, family_of
 from common import files
 from common.layout import RunLayout
+from common.storage import DENSE, StorageConfig
 from common.record import RunRecord, read_record, write_record
 from actors.layers import inner_model
 from actors.shard import load_full
@@ -119,16 +120,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_stages(model_path, dtype, out, ids, mask, num_layers=6, num_stages=2, micro_batch=2, **spec):
+def run_stages(model_path, dtype, out, ids, mask, num_layers=6, num_stages=2, micro_batch=2,
+               storage=DENSE, floor=3.0, **spec):
     """Capture every layer through stages chained in this process (the local executor),
-    micro-batch by micro-batch; returns the stages."""
+    micro-batch by micro-batch, in storage mode `storage`; returns the stages."""
     from actors.shard import ShardSpec
     from actors.stage import StageSpec
     from actors.batch import MicroBatch
     from cluster.executor import run_chain
     from cluster.plan import plan_micro_batches, plan_stages
 
-    specs = [StageSpec(i, ShardSpec(model_path, layers, dtype), str(out), last=i == num_stages - 1, **spec)
+    section = StorageConfig(str(out), storage, floor)
+    specs = [StageSpec(i, ShardSpec(model_path, layers, dtype), section, **spec)
              for i, layers in enumerate(plan_stages([1] * num_layers, num_stages))]
     batches = [MicroBatch(index, list(rows), ids[rows.start:rows.stop], mask[rows.start:rows.stop])
                for index, rows in enumerate(plan_micro_batches(len(ids), micro_batch))]

@@ -18,7 +18,8 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from analysis.criteria import Criteria
-from common.layout import EXCEEDANCES, STATS, RunLayout
+from common.layout import RunLayout
+from common.storage import EXCEEDANCES, STATS
 from common.record import RunRecord, write_record
 
 SITES = ("ln_attn", "ln_mlp")

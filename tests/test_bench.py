@@ -28,7 +28,8 @@ def test_gpu_bench_runs_small_without_ray_or_polars(tmp_path):
         parts = row["profile"]
         assert parts["layers"] > 0 and parts["tables"] > 0 and parts["files"] > 0
         assert parts["layers"] + parts["tables"] + parts["writer_wait"] <= parts["forward"]
-    from common.layout import STATS, RunLayout
+    from common.layout import RunLayout
+    from common.storage import STATS
 
     assert RunLayout.of(str(tmp_path / "exceedances")).stage_files(STATS)
 

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from actors.select import BLOCK, BlockSelector, select_torch
-from actors.writer import ExceedanceWriter
+from actors.writer import ExceedanceTables
 from analysis import analyse
 from analysis.criteria import Criteria, feature_stats
 from analysis.scan import Scanner, list_partitions, read_frame
 from common.errors import ConfigError
-from common.layout import EXCEEDANCES, STATS, RunLayout
+from common.layout import RunLayout
+from common.storage import EXCEEDANCES, STATS
 from common.record import read_record
 from common.threshold import float32_bar
 from tests.conftest import in_process_run, token_batch
@@ -116,7 +117,7 @@ def test_floor_is_compared_as_a_real_number(tmp_path):
     # 3.1 has no float32: the nearest one lies below 3.1 and must not be kept; the next one up must.
     below = np.float32(3.1)
     above = np.nextafter(below, np.float32(np.inf))
-    writer = ExceedanceWriter(str(tmp_path), 3.1)
+    writer = ExceedanceTables(str(tmp_path), 3.1)
     (site, token, dim, value), stats = writer.select([torch.tensor([[below, -3.5, 1.0, above]])])
     assert float(below) < 3.1 <= float(float32_bar(3.1)) == float(above)
     assert dim.tolist() == [1, 3] and value.tolist() == [-3.5, float(above)]

@@ -125,7 +125,7 @@ def reference_routing(path: str, ids, mask) -> dict[int, tuple]:
 def assert_routing_and_experts(run, routed: dict, keep) -> None:
     """The routing table is the experts calls' routing, and each layer's experts table counts it."""
     from analysis.scan import read_kind
-    from common.layout import EXPERTS, ROUTING
+    from common.storage import EXPERTS, ROUTING
 
     layout = RunLayout.of(str(run))
     routing = read_kind(layout, ROUTING).sort("layer", "seq", "pos", "rank")

@@ -22,6 +22,7 @@ from actors.batch import MicroBatch
 from cluster.config import load_config
 from cluster.run import execute
 from common.layout import RunLayout
+from common.storage import StorageConfig
 from tests.conftest import assert_same_tables, dense_tables, fault_config, own_ray, stored_record, token_batch, wait_for_commits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,10 +175,10 @@ class FullDisk:
 def test_a_failed_write_is_never_reported_written_and_says_what_to_do(runner):
     # Inline, the failure ends the forward that wrote; on the writer's thread, the stage's next
     # call. Either way the micro-batch is never reported written, and the message is one line.
-    from actors.background import BackgroundWriter, InlineWriter
+    from actors.background import ThreadRunner, InlineRunner
 
     writer = FullDisk(full=2)
-    run = InlineWriter(writer) if runner == "inline" else BackgroundWriter(writer, depth=1)
+    run = InlineRunner(writer) if runner == "inline" else ThreadRunner(writer, depth=1)
     ids = torch.zeros(1, 4, dtype=torch.long)
     reported = []
     with pytest.raises(WriteError, match="micro-batch 2: .*No space left on device.*rerun with --resume"):
@@ -194,7 +195,7 @@ def test_a_failed_write_is_never_reported_written_and_says_what_to_do(runner):
 
 
 def test_an_output_that_refuses_a_write_stops_the_run_with_its_own_message():
-    from actors.background import InlineWriter
+    from actors.background import InlineRunner
     from common.errors import RunError
 
     class ReadOnly(FullDisk):
@@ -204,19 +205,19 @@ def test_an_output_that_refuses_a_write_stops_the_run_with_its_own_message():
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(WriteError, match="micro-batch 0: cannot write /out/x: Permission denied; choose a writable "
                                          "output. Committed micro-batches are kept: rerun with --resume"):
-        InlineWriter(ReadOnly(0)).submit(MicroBatch(0, [0], ids, torch.ones_like(ids)), {})
+        InlineRunner(ReadOnly(0)).submit(MicroBatch(0, [0], ids, torch.ones_like(ids)), {})
 
 
 def test_a_cpu_stage_on_a_local_disk_writes_before_forward_returns(tiny_checkpoint, tmp_path):
-    from actors.background import BackgroundWriter, InlineWriter
+    from actors.background import ThreadRunner, InlineRunner
 
     ids, mask = token_batch(seed=1, batch=2, seq=8)
     shard = ShardSpec(tiny_checkpoint("qwen3_moe"), range(0, 2))
-    threaded = StageActor(StageSpec(0, shard, str(tmp_path / "threaded"), writer="thread"))
-    assert isinstance(threaded.writer, BackgroundWriter)  # as asked: `pipeline.writer: thread`
+    threaded = StageActor(StageSpec(0, shard, StorageConfig(str(tmp_path / "threaded")), writer="thread"))
+    assert isinstance(threaded.runner, ThreadRunner)  # as asked: `pipeline.writer: thread`
     threaded.close()
-    stage = StageActor(StageSpec(0, shard, str(tmp_path)))
-    assert isinstance(stage.writer, InlineWriter)
+    stage = StageActor(StageSpec(0, shard, StorageConfig(str(tmp_path))))
+    assert isinstance(stage.runner, InlineRunner)
     _, written = stage.forward(MicroBatch(0, [0, 1], ids, mask))
     assert written == [0] and len(RunLayout.of(str(tmp_path)).partition_files(0, "ln_attn")) == 1
     stats = stage.stats()
@@ -235,7 +236,7 @@ def test_out_of_memory_splits_the_micro_batch(planted_checkpoint, tmp_path, monk
     for name, fault_file in (("clean", ""), ("oom", str(oom))):
         monkeypatch.setenv(faults.ENV, fault_file)
         shard = ShardSpec(path, range(0, 6), experts_implementation="batched_mm")
-        stage = StageActor(StageSpec(0, shard, str(tmp_path / name), last=True))
+        stage = StageActor(StageSpec(0, shard, StorageConfig(str(tmp_path / name))))
         stage.forward(MicroBatch(0, [0, 1, 2, 3], ids, mask))
         stage.flush()
         results[name] = dense_tables(tmp_path / name)

@@ -13,6 +13,7 @@ from actors.families import SITES
 from actors.shard import ShardSpec
 from actors.stage import StageActor, StageSpec
 from common.layout import RunLayout
+from common.storage import StorageConfig
 from tests.conftest import read_site, reference_activations, run_stages, token_batch
 
 BATCH, SEQ, PAD = 4, 24, 7
@@ -82,7 +83,7 @@ def test_a_patched_file_reads_back_bit_for_bit(tmp_path):
     import torch
 
     from actors.batch import MicroBatch
-    from actors.writer import ActivationWriter
+    from actors.writer import DenseTables
     from analysis.scan import read_dense
     from common import patch
 
@@ -90,7 +91,7 @@ def test_a_patched_file_reads_back_bit_for_bit(tmp_path):
     acts[acts.abs() < 2.0**-14] = 0.5  # every value a normal float16 one ...
     acts[0, 5, 3] = 2.0**-22 * (1 + 2.0**-7)  # ... but this one
     ids = torch.zeros(1, 600, dtype=torch.long)
-    writer = ActivationWriter(str(tmp_path))
+    writer = DenseTables(str(tmp_path))
     writer.write(writer.prepare(MicroBatch(0, [0], ids, torch.ones_like(ids)), {(0, "ln_attn"): acts}))
     layout = RunLayout.of(str(tmp_path))
     [path] = layout.partition_files(0, "ln_attn")
@@ -151,7 +152,7 @@ def test_stage_uses_the_expert_kernel_of_from_pretrained(tiny_checkpoint, tmp_pa
 
     path = tiny_checkpoint("qwen3_moe")
     plain = load_full(path, "float32").config._experts_implementation
-    stage = StageActor(StageSpec(0, ShardSpec(path, range(0, 3)), str(tmp_path)))
+    stage = StageActor(StageSpec(0, ShardSpec(path, range(0, 3)), StorageConfig(str(tmp_path))))
     assert stage.config._experts_implementation == plain == "grouped_mm"
 
 

@@ -19,7 +19,8 @@ from analysis.bootstrap import bootstrap, resample_weights
 from analysis.criteria import Criteria, feature_stats
 from analysis.scan import read_kind
 from cluster.plants import Plant
-from common.layout import ROUTING, SITES, RunLayout
+from common.layout import SITES, RunLayout
+from common.storage import ROUTING
 from tests.conftest import (in_process_run, read_site, reference_activations,
                             token_batch)
 from tests.synthetic import full_mask, plant, random_activations, scan_tables

@@ -11,7 +11,8 @@ from actors.families import SITES
 from cluster.config import load_config
 from cluster.run import execute
 from common.errors import RunError
-from common.layout import EXCEEDANCES, STAGE_KINDS, RunLayout, batch_file
+from common.layout import RunLayout, batch_file
+from common.storage import EXCEEDANCES, STAGE_KINDS
 from common.record import read_record, write_record
 from tests.conftest import read_site, reference_activations, run_config, stored_record, stored_summary
 
