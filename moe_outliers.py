@@ -23,7 +23,8 @@ from pathlib import Path
 
 import polars as pl
 
-from analysis import Analysis, compute, run_settings, write_report
+from analysis.settings import run_settings
+from analysis.steps import Analysis, compute, write_report
 from analysis.criteria import Criteria
 from analysis.report import FEATURE_KEYS, Summary
 from common import files

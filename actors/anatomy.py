@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from actors.families import family_of, site_modules
+from actors.checkpoint import (
+    DTYPES, causal_lm_class, checkpoint_dtype, dequantize_kwargs, has_experts, quant_method, safetensors_header,
+    text_config)
+from actors.families import family_of, inner_model, site_modules
 from actors.moe import moe_blocks
-from actors.layers import inner_model
-from actors.shard import DTYPES, causal_lm_class, dequantize_kwargs, has_experts, quant_method, text_config
 from common.errors import ModelError
 
 
@@ -36,31 +37,6 @@ class Anatomy:
     shared_bytes: int           # what every stage holds besides its layers (rotary, per-layer tables, ...)
     experts: bool               # the model has routed experts (experts_implementation applies)
     quantization: str | None    # quant_method of a quantized release (loaded dequantized)
-
-
-def checkpoint_dtype(model_path: str, config) -> str:
-    """The dtype `from_pretrained(dtype="auto")` picks: the config's, else the first floating
-    tensor's in the checkpoint."""
-    dtype = getattr(config, "dtype", None)
-    if dtype is None:
-        dtype = _first_float_dtype(model_path)
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ModelError(
-            f"{model_path}: the checkpoint's dtype is {name}; set model.dtype to one of {sorted(DTYPES)}."
-        )
-    return name
-
-
-_SAFETENSORS_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
-
-
-def _first_float_dtype(model_path: str) -> str:
-    for path in sorted(Path(model_path).glob("*.safetensors")):
-        for name, meta in _header(path).items():
-            if name != "__metadata__" and meta["dtype"] in _SAFETENSORS_FLOATS:
-                return _SAFETENSORS_FLOATS[meta["dtype"]]
-    return "float32"
 
 
 def anatomy(model_path: str, config, dtype: str = "auto", experts_implementation: str | None = None,
@@ -129,7 +105,7 @@ def _check_fp8_tiles(model_path: str, config) -> None:
     block = (quantized.get("weight_block_size") if isinstance(quantized, dict)
              else getattr(quantized, "weight_block_size", None)) or (128, 128)
     for path in sorted(Path(model_path).glob("*.safetensors")):
-        for name, meta in _header(path).items():
+        for name, meta in safetensors_header(path).items():
             shape = meta.get("shape", []) if name != "__metadata__" else []
             if meta.get("dtype") in _FP8 and len(shape) == 2 and (shape[0] % block[0] or shape[1] % block[1]):
                 raise ModelError(
@@ -137,11 +113,6 @@ def _check_fp8_tiles(model_path: str, config) -> None:
                     f"{shape} ends in a partial tile, which transformers dequantizes wrongly; give the "
                     "bf16 weights (e.g. a copy converted with the model's own fp8-to-bf16 script)."
                 )
-
-
-def _header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return json.loads(f.read(int.from_bytes(f.read(8), "little")))
 
 
 def _meta_model(config, text, dtype: torch.dtype):

@@ -16,7 +16,7 @@ import threading
 import time
 
 from actors import faults
-from actors.batch import MicroBatch
+from actors.handoff import MicroBatch
 from common.errors import RunError, UserError
 
 

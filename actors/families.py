@@ -1,6 +1,6 @@
 """What differs between decoder families: the one table that changes to add a family.
 
-A stage runs the model's own forward (actors/layers.py), so masks, rotary embeddings,
+A stage runs the model's own forward (actors/handoff.py), so masks, rotary embeddings,
 layer kinds and embedding scales all come from the model's code. What the stage must
 still know about a family is only where things are:
 
@@ -248,3 +248,10 @@ def support_table() -> str:
 
 if __name__ == "__main__":
     print(support_table())
+
+
+def inner_model(model: nn.Module, family: Family) -> nn.Module:
+    """The module whose forward runs the decoder (`model.model` in most families)."""
+    for name in family.inner.split("."):
+        model = getattr(model, name)
+    return model

@@ -6,7 +6,7 @@ layers, hands the captured block inputs to its writer (on a thread of its own, o
 on a CPU stage: actors/background.py) and returns the micro-batch with its new hidden
 states for the next stage.
 
-The layers run inside the model's own forward (actors/layers.py), fed the micro-batch's
+The layers run inside the model's own forward (actors/handoff.py), fed the micro-batch's
 token ids and 2-D padding mask: masks, positions and rotary embeddings are the model's
 own, so the results equal a single-process forward bit for bit.
 """
@@ -24,11 +24,10 @@ import torch
 from actors import faults
 from actors.capture import Capture, CaptureConfig, CaptureError
 from actors.moe import MoeProbe, moe_blocks
-from actors.families import family_of
-from actors.layers import HandoffError, LayerSlice, inner_model, same_state
+from actors.families import family_of, inner_model
+from actors.handoff import HandoffError, LayerSlice, MicroBatch, join_states, noise_in, same_state
 from actors.metrics import StageMetrics
 from actors.shard import ShardSpec, load_shard
-from actors.batch import MicroBatch
 from actors.background import WRITE_DEPTH, InlineRunner, ThreadRunner
 from actors.writer import tables_for
 from common.runtime import ray_running
@@ -131,10 +130,10 @@ class StageActor:
             return
         batch, seq = self.spec.warm_up
         ids = warm_up_ids(self.config.vocab_size, batch, seq)
-        self.embed.fill = "noise"
         rehearsal = MicroBatch(-1, list(range(batch)), ids, torch.ones_like(ids))
         try:
-            _, captured, moe = self.run_layers(rehearsal)
+            with noise_in(self.embed):
+                _, captured, moe = self.run_layers(rehearsal)
         except Exception as err:
             if self.slice.first or isinstance(err, (HandoffError, CaptureError)):
                 raise
@@ -143,8 +142,6 @@ class StageActor:
                 f"{self.spec.shard.layers.stop - 1} could not run on the hidden states alone ({err}); "
                 "its layers may pass more to each other: set `carries` for the family in actors/families.py."
             ) from None
-        finally:
-            self.embed.fill = "zeros"
         self.check_arity()
         if tables is not None:
             tables.rehearse(tables.prepare(rehearsal, captured, moe))
@@ -153,11 +150,8 @@ class StageActor:
         """Past stage 0, once: the first micro-batch run again over stand-in embeddings of noise
         must give the same results, or the family's layers read something the hand-off does
         not carry (values the model derives from the embeddings before its first layer)."""
-        self.embed.fill = "noise"
-        try:
+        with noise_in(self.embed):
             again, recaptured, _ = self.run_layers(batch)
-        finally:
-            self.embed.fill = "zeros"
         if not same_state(state, again) or any(
                 not same_state((captured[k],), (recaptured[k],)) for k in captured):
             raise HandoffError(
@@ -306,13 +300,6 @@ def profile(after: dict, before: dict | None = None) -> dict:
     per = lambda key: 1000 * (after[key] - before[key]) / count  # noqa: E731
     parts = {"layers": per("layers_s"), "tables": per("tables_s"), "writer_wait": per("writer_wait_s")}
     return {"forward": per("busy_s"), **parts, "other": per("busy_s") - sum(parts.values()), "files": per("write_s")}
-
-
-def join_states(states: list[tuple | None]) -> tuple | None:
-    """The states of consecutive row ranges as one, row-wise (None stays None)."""
-    if states[0] is None:
-        return None
-    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*states))
 
 
 def _ray_node_id() -> str | None:

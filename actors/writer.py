@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from actors.batch import MicroBatch
+from actors.handoff import MicroBatch
 from actors.capture import RESIDUAL
 from actors.moe import moe_tables
 from actors.select import BlockSelector, select_torch

@@ -15,8 +15,10 @@ import argparse
 import dataclasses
 import sys
 
-from analysis import analyse, feature_table, run_criteria
-from analysis.criteria import LAYER_UNITS
+from analysis.report import feature_table
+from analysis.settings import run_criteria
+from analysis.steps import analyse
+from analysis.settings import LAYER_UNITS
 from common import logs
 from common.errors import UserError, report
 from common.layout import RunLayout

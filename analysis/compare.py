@@ -31,7 +31,7 @@ def load(run_dir: str) -> tuple[RunRecord, dict, pl.DataFrame]:
     layout = RunLayout.of(run_dir)
     record = read_record(layout)
     if not all(files.exists(layout.fs, p) for p in (layout.summary, layout.profile)):
-        from analysis import analyse
+        from analysis.steps import analyse
 
         analyse(run_dir)
     summary = json.loads(files.read_bytes(layout.fs, layout.summary))

@@ -11,79 +11,11 @@ reaches the threshold in at least a quarter of the layers and at least 6% of the
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
-
 import polars as pl
 
-from common.errors import ConfigError
+from analysis.settings import Criteria
 
-LAYER_UNITS = ["layer", "site"]
 SITES_PER_LAYER = 2  # ln_attn and ln_mlp: the denominator of site_fraction is 2L
-
-
-@dataclass(frozen=True)
-class Criteria:
-    """When a hidden dim is an outlier feature (the `analysis:` config section holds these).
-
-    A dim is an outlier feature when all three hold:
-      max_abs >= threshold, layer share >= min_layer_fraction, token_fraction >= min_token_fraction.
-
-    Each outlier feature is then classified:
-      "systematic" when its layer share >= systematic_layer_fraction AND its
-      token_fraction >= systematic_token_fraction, otherwise "probabilistic".
-    Why these defaults (75% of layers, half of the tokens): LLM.int8() reports that past
-    the emergence phase shift (about 6.7B parameters) outlier features affect all layers
-    and about 75% of sequence dimensions, in the same dims throughout: systematic. Before
-    it they show up in some layers and a minority of tokens, each occurrence a matter of
-    chance: probabilistic. The bars sit between those two regimes.
-    """
-
-    threshold: float = 6.0
-    """Magnitude at or above which an entry counts as an outlier (|x| >= threshold)."""
-    min_layer_fraction: float = 0.25
-    """Least share of layers (or layer-sites, see layer_unit) a feature must reach."""
-    min_token_fraction: float = 0.06
-    """Least share of captured tokens in which a feature must reach the threshold."""
-    layer_unit: str = "layer"
-    """'layer': share of decoder layers (the paper's definition); 'site': share of
-    (layer, site) pairs out of 2L, as earlier tools counted."""
-    systematic_layer_fraction: float = 0.75
-    """Least layer share (same unit as layer_unit) of a 'systematic' feature."""
-    systematic_token_fraction: float = 0.5
-    """Least token_fraction of a 'systematic' feature."""
-
-    def __post_init__(self):
-        number = self.threshold
-        if not _is_number(number) or not math.isfinite(number) or number <= 0:
-            raise ConfigError(
-                f"analysis.threshold={number!r}: choose a finite number > 0 (LLM.int8() uses 6.0)"
-            )
-        for name in (
-            "min_layer_fraction",
-            "min_token_fraction",
-            "systematic_layer_fraction",
-            "systematic_token_fraction",
-        ):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0 <= value <= 1:
-                raise ConfigError(f"analysis.{name}={value!r}: choose a fraction in [0, 1]")
-        if self.layer_unit not in LAYER_UNITS:
-            raise ConfigError(
-                f"analysis.layer_unit={self.layer_unit!r}: choose one of {LAYER_UNITS}"
-            )
-
-    def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @property
-    def layer_column(self) -> str:
-        """The per-dim column the layer criteria read."""
-        return f"{self.layer_unit}_fraction"
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def feature_stats(

@@ -22,7 +22,8 @@ from common.record import RunRecord, read_record
 
 def explain(run_dir: str, dim: int, top: int = 8) -> str:
     """The explanation of `dim`, as printed."""
-    from analysis import analyse, run_criteria
+    from analysis.settings import run_criteria
+    from analysis.steps import analyse
     from analysis.scan import Scanner, list_partitions
 
     layout = RunLayout.of(run_dir)

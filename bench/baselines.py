@@ -28,7 +28,7 @@ import torch
 
 from actors.capture import Capture
 from actors.families import family_of
-from actors.shard import load_full
+from actors.checkpoint import load_full
 from actors.stage import warm_up_ids
 
 CHUNKS = 6  # the original split its 48 layers into 6 chunks of 8

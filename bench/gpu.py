@@ -108,7 +108,7 @@ def captured(model, batches, device, out: Path, mode: str, floor: float) -> dict
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from actors.batch import MicroBatch
+    from actors.handoff import MicroBatch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":

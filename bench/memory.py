@@ -48,7 +48,7 @@ def measure(cache_dir: str) -> dict:
     from common.storage import StorageConfig
     from cluster.executor import LocalExecutor
     from cluster.pipeline import PipelineConfig
-    from actors.batch import MicroBatch
+    from actors.handoff import MicroBatch
     from cluster.tiny_model import TinySpec, build_tiny
 
     torch.set_num_threads(1)

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
-from actors.batch import MicroBatch
+from actors.handoff import MicroBatch
 from actors.families import SITES
 from actors.shard import ShardSpec
 from actors.stage import StageActor, StageSpec, pick_device
@@ -67,7 +67,7 @@ class Case:
 
 
 class WaitSlice:
-    """In place of `actors.layers.LayerSlice`: waits T without using a core, and hands on
+    """In place of `actors.handoff.LayerSlice`: waits T without using a core, and hands on
     the state it received (stage 0: one of the real shape)."""
 
     def __init__(self, state: torch.Tensor, wait_s: float, first: bool, last: bool):

@@ -22,7 +22,7 @@ KINDS = ["none", "tensor", "wire"]
 
 
 def payload(shape: tuple[int, ...], kind: str):
-    from actors.batch import MicroBatch
+    from actors.handoff import MicroBatch
 
     hidden = torch.randn(*shape).to(torch.bfloat16)
     if kind == "tensor":

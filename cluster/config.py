@@ -18,7 +18,7 @@ import yaml
 
 from actors.capture import CaptureConfig
 from common.storage import StorageConfig
-from analysis import AnalysisConfig
+from analysis.settings import AnalysisConfig
 from cluster.data import DataConfig
 from cluster.pipeline import PipelineConfig
 from cluster.tiny_model import TinySpec

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from actors.batch import MicroBatch
+from actors.handoff import MicroBatch
 from cluster.dispatch import Dispatcher, StageLost
 from cluster.pipeline import lost_stage, raise_stage_error
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from actors.background import WRITE_DEPTH
 from actors.stage import StageActor, StageSpec
-from actors.batch import MicroBatch
+from actors.handoff import MicroBatch
 from common import logs
 from common.config import choice, positive
 from common.errors import ConfigError, RunError, UserError

@@ -24,7 +24,7 @@ import torch
 
 from actors.families import SITES as SITE_ROLES
 from actors.families import family_of, site_modules
-from actors.layers import inner_model
+from actors.families import inner_model
 from actors.moe import moe_blocks
 from common.errors import ConfigError
 

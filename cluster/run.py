@@ -16,9 +16,10 @@ import torch
 
 from actors.anatomy import Anatomy, anatomy
 from actors.background import WriteError
-from actors.shard import ShardSpec, checkpoint_dir, load_config, text_config
+from actors.shard import ShardSpec
+from actors.checkpoint import checkpoint_dir, load_config, text_config
 from actors.stage import StageSpec
-from actors.batch import MicroBatch
+from actors.handoff import MicroBatch
 from analysis.pool import EarlyStart, wanted
 from cluster import placement
 from cluster.config import RunConfig
@@ -225,7 +226,7 @@ def execute(config: RunConfig, resume: bool = False, quiet: bool = False, execut
             visual: bool = True) -> dict:
     """Run extraction and analysis on `executor` ("ray" or "local"), with the plots and report.html
     unless not `visual`; returns {"record": RunRecord, "summary": dict}."""
-    from analysis import analyse
+    from analysis.steps import analyse
 
     started = time.perf_counter()
     prepared = prepare(config)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from common.errors import ConfigError
+from common.config import choice
 
 DENSE, EXCEEDANCES = "dense", "exceedances"
 MODES = (DENSE, EXCEEDANCES)
@@ -65,8 +65,7 @@ class StorageConfig:
 
 def mode(name: str) -> Mode:
     """The mode called `name`; ConfigError naming the choices for any other."""
-    if name not in _MODES:
-        raise ConfigError(f"storage.mode={name!r}: must be one of {list(MODES)}.")
+    choice("storage.mode", name, list(MODES))
     return _MODES[name]
 
 

@@ -17,8 +17,8 @@ from common import files
 from common.layout import RunLayout
 from common.storage import DENSE, StorageConfig
 from common.record import RunRecord, read_record, write_record
-from actors.layers import inner_model
-from actors.shard import load_full
+from actors.families import inner_model
+from actors.checkpoint import load_full
 from cluster.plants import Plant
 from cluster.tiny_model import TinySpec, build_tiny
 
@@ -126,7 +126,7 @@ def run_stages(model_path, dtype, out, ids, mask, num_layers=6, num_stages=2, mi
     micro-batch by micro-batch, in storage mode `storage`; returns the stages."""
     from actors.shard import ShardSpec
     from actors.stage import StageSpec
-    from actors.batch import MicroBatch
+    from actors.handoff import MicroBatch
     from cluster.executor import run_chain
     from cluster.plan import plan_micro_batches, plan_stages
 

@@ -21,9 +21,9 @@ import transformers
 
 from actors.anatomy import anatomy
 from actors.capture import CaptureConfig
-from actors.layers import inner_model
+from actors.families import inner_model
 from actors.families import FAMILIES, SITES, support_table
-from actors.shard import load_config
+from actors.checkpoint import load_config
 from analysis.criteria import Criteria, feature_stats, outlier_features
 from analysis.scan import Scanner
 from cluster.plan import stage_bytes
@@ -106,7 +106,7 @@ def reference_routing(path: str, ids, mask) -> dict[int, tuple]:
     import torch
 
     from actors.moe import moe_blocks
-    from actors.shard import load_full
+    from actors.checkpoint import load_full
 
     model = load_full(path, "float32")
     family = FAMILIES[model.config.model_type]

@@ -18,7 +18,7 @@ from actors import faults
 from actors.background import WriteError
 from actors.shard import ShardSpec
 from actors.stage import StageActor, StageSpec
-from actors.batch import MicroBatch
+from actors.handoff import MicroBatch
 from cluster.config import load_config
 from cluster.run import execute
 from common.layout import RunLayout

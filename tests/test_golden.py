@@ -82,7 +82,7 @@ def test_a_patched_file_reads_back_bit_for_bit(tmp_path):
     import pyarrow as pa
     import torch
 
-    from actors.batch import MicroBatch
+    from actors.handoff import MicroBatch
     from actors.writer import DenseTables
     from analysis.scan import read_dense
     from common import patch
@@ -148,7 +148,7 @@ def test_bf16_encoding_is_float16_when_exact_or_patched_else_float32(tiny_checkp
 
 
 def test_stage_uses_the_expert_kernel_of_from_pretrained(tiny_checkpoint, tmp_path):
-    from actors.shard import load_full
+    from actors.checkpoint import load_full
 
     path = tiny_checkpoint("qwen3_moe")
     plain = load_full(path, "float32").config._experts_implementation
@@ -162,7 +162,7 @@ def test_hidden_states_cross_between_stages_out_of_band_and_exact(dtype):
 
     import torch
 
-    from actors.batch import MicroBatch
+    from actors.handoff import MicroBatch
 
     hidden = torch.randn(2, 9, 16).to(getattr(torch, dtype))[:, ::2]  # [batch, seq, hidden], strided
     hidden[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -0.0])

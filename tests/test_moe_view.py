@@ -58,7 +58,7 @@ def test_the_planted_super_expert_is_found_in_every_split_and_mode(super_expert,
 
 
 def test_routing_is_the_routers_own_output(super_expert, tokens, tmp_path):
-    from actors.shard import load_full
+    from actors.checkpoint import load_full
 
     ids, mask = tokens
     in_process_run(super_expert, "float32", tmp_path, ids, mask, num_stages=3, capture=EVERYTHING)
@@ -219,7 +219,7 @@ def page_image(page, name: str) -> bytes:
 ])
 def test_routing_captures_are_refused_in_one_line_where_they_cannot_work(model_cache, arch, message):
     from actors.anatomy import anatomy
-    from actors.shard import load_config
+    from actors.checkpoint import load_config
     from cluster.tiny_model import TinySpec, build_tiny
     from common.errors import ModelError
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from actors.anatomy import anatomy
 from actors.families import SITES
-from actors.shard import load_config, load_full
+from actors.checkpoint import load_config, load_full
 from common.errors import ModelError
 from cluster.tiny_model import TinySpec, build_tiny
 from tests.conftest import read_site, reference_activations, run_stages, token_batch

@@ -195,18 +195,18 @@ def test_ray_actors_give_the_brute_force_summary(ray_cluster, tmp_path):
 
 
 def test_small_runs_scan_in_process_and_large_ones_on_actors(ray_cluster, tmp_path, monkeypatch):
-    import analysis
+    from analysis import steps
     from analysis.pool import ScanPool
 
     acts, mask = planted_activations()
     path = write_run(tmp_path / "run", acts, mask)
     started = []
-    monkeypatch.setattr(analysis, "ScanPool", lambda count: started.append(count) or ScanPool(count))
+    monkeypatch.setattr(steps, "ScanPool", lambda count: started.append(count) or ScanPool(count))
     small = analyse(str(path), num_actors=2)
     assert started == []
     size = RunLayout.of(str(path)).table_bytes()
     assert size > 0
-    settings = analysis.run_settings(read_record(RunLayout.of(str(path))))
+    settings = steps.run_settings(read_record(RunLayout.of(str(path))))
     from dataclasses import replace
 
     large = analyse(str(path), num_actors=2, settings=replace(settings, scan_actors_from_mb=size / 2**20))

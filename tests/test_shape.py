@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from actors.anatomy import anatomy
-from actors.shard import load_config as checkpoint_config
+from actors.checkpoint import load_config as checkpoint_config
 from cluster.config import load_config
 from cluster.executor import Hardware
 from cluster.placement import count_replicas, targets

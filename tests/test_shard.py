@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from actors.anatomy import anatomy
-from actors.shard import ShardSpec, load_config, load_shard
+from actors.shard import ShardSpec, load_shard
+from actors.checkpoint import load_config
 from common.errors import ModelError
 from cluster.tiny_model import TinySpec, build_tiny
 
@@ -57,7 +58,8 @@ def test_a_cpu_shard_keeps_no_view_of_the_checkpoint_file(tiny_checkpoint):
 
 PEAK_SCRIPT = """
 import json, sys, threading, time
-from actors.shard import ShardSpec, load_full, load_shard
+from actors.shard import ShardSpec, load_shard
+from actors.checkpoint import load_full
 
 def anon_mib():  # resident anonymous memory: what loading allocates, not mapped file pages
     return int(open('/proc/self/status').read().split('RssAnon:')[1].split()[0]) / 1024

@@ -56,7 +56,7 @@ def test_a_table_is_built_in_its_schema_or_refused():
 def test_a_mode_is_one_of_the_modes():
     assert storage.is_dense(storage.DENSE) and not storage.is_dense(storage.EXCEEDANCES)
     assert storage.mode(storage.EXCEEDANCES).floor and not storage.mode(storage.DENSE).floor
-    with pytest.raises(ConfigError, match=r"storage.mode='sparse': must be one of \['dense', 'exceedances'\]"):
+    with pytest.raises(ConfigError, match=r"storage.mode='sparse': choose one of \['dense', 'exceedances'\]"):
         storage.StorageConfig(mode="sparse")
 
 
