@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from actors.families import SITES, Family, site_modules
+from actors.families import Family, site_modules
+from common.layout import SITES
 from common.errors import ModelError
 from common.layout import RESIDUAL
 

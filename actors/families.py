@@ -25,9 +25,9 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from common.errors import ModelError
-from common.layout import SITES as TABLE_SITES
+from common.layout import SITES
 
-SITES = dict(zip(TABLE_SITES, ("attention", "mlp")))  # site -> role
+SITE_ROLES = dict(zip(SITES, ("attention", "mlp")))  # site -> the role of the module it is the input of
 
 
 class FamilyError(ModelError):
@@ -220,8 +220,8 @@ def family_of(model_type: str) -> Family:
 
 def site_modules(family: Family, layer: nn.Module, index: int, model_type: str) -> dict[str, nn.Module]:
     """{site: module whose input is captured} for one decoder layer, or FamilyError."""
-    found = {site: family.role_module(layer, role) for site, role in SITES.items()}
-    missing = {site: family.roles()[SITES[site]] for site, module in found.items() if module is None}
+    found = {site: family.role_module(layer, role) for site, role in SITE_ROLES.items()}
+    missing = {site: family.roles()[SITE_ROLES[site]] for site, module in found.items() if module is None}
     if missing:
         children = sorted(name for name, _ in layer.named_children())
         raise FamilyError(

@@ -3,7 +3,7 @@
 A Ray actor costs a process start and the imports of polars and of this package: 1-2 s on
 a small machine, more than the whole scan of a small run. So:
 - a run whose tables are smaller than `analysis.scan_actors_from_mb` is scanned in the
-  driver's process, with no actor at all (`wanted`);
+  driver's process, with no actor at all (`repays_actors`);
 - a larger run's actors are started by the driver while the last micro-batches run
   (cluster.run), so they are ready, imports done, when the extraction ends.
 
@@ -36,7 +36,7 @@ class ScanWorker:
         return Scanner(layout, record, threshold, allow_partial).scan(partitions, share)
 
 
-def wanted(table_bytes: int, actors_from_mb: float) -> bool:
+def repays_actors(table_bytes: int, actors_from_mb: float) -> bool:
     """Whether tables of `table_bytes` are worth scan actors (Ray being up is the caller's check)."""
     return table_bytes >= actors_from_mb * 2**20
 

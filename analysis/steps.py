@@ -13,7 +13,7 @@ from analysis.criteria import feature_stats, outlier_features
 from analysis.html import write_visual_report
 from analysis.profile import median_abs
 from analysis.report import build_summary, write_outputs
-from analysis.pool import ScanPool, wanted
+from analysis.pool import ScanPool, repays_actors
 from analysis.scan import Partial, Scanner, check_complete, list_partitions
 from analysis.settings import AnalysisConfig, Criteria, run_settings
 from analysis.view import moe_view
@@ -61,7 +61,7 @@ def compute(run_dir: str, criteria: Criteria | None = None, num_actors: int | No
     partitions = [p for p in found if p[1] in SITES]
     check_complete(partitions, record.num_layers, allow_partial)
 
-    if pool is None and ray_running() and wanted(layout.table_bytes(), settings.scan_actors_from_mb):
+    if pool is None and ray_running() and repays_actors(layout.table_bytes(), settings.scan_actors_from_mb):
         pool = ScanPool(num_actors)
     try:
         partial = _scan(layout, record, criteria.threshold, partitions, pool, allow_partial)

@@ -11,7 +11,7 @@ The bound we state:  peak <= weights + in_flight + FIXED_OVERHEAD, where
   overhead  = the process after importing torch, transformers and our modules (measured)
               + FIXED_SLACK for allocator caches and the from_pretrained load path.
 Through Ray a stage also holds the next micro-batch's incoming state while it computes
-(`cluster.pipeline.Serial`): one more hidden-state tensor, not measured here.
+(`cluster.pipeline.OneComputeThread`): one more hidden-state tensor, not measured here.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import torch
 
 from actors.handoff import MicroBatch
-from actors.families import SITES
+from common.layout import SITES
 from actors.shard import ShardSpec
 from actors.stage import StageActor, StageSpec, pick_device
 from actors.writer import DenseTables, ExceedanceTables
@@ -176,13 +176,13 @@ def run_case(case: Case, warm: int = 2) -> dict:
     """Start the stages, drive `warm` micro-batches per replica, then time M of them; the stages' figures."""
     import ray
 
-    from cluster.pipeline import CALLS_AT_ONCE, Serial
+    from cluster.pipeline import CALLS_AT_ONCE, OneComputeThread
 
     actors = case.stages * case.replicas
     gpus = 1 / actors if case.device == "cuda" else 0
     cpus = min(1.0, len(os.sched_getaffinity(0)) / (actors + 1))
     # NOTE: the stages' Ray options as `cluster.pipeline.start_stages` gives them.
-    remote = ray.remote(type("SimRayStage", (Serial, SimStage), {})).options(
+    remote = ray.remote(type("SimRayStage", (OneComputeThread, SimStage), {})).options(
         num_cpus=cpus, num_gpus=gpus, max_concurrency=CALLS_AT_ONCE)
     replicas = [[remote.remote(spec, case) for spec in stage_specs(case, r)] for r in range(case.replicas)]
     stages = [stage for replica in replicas for stage in replica]

@@ -1,10 +1,16 @@
 """The run configuration: one typed, validated object built from YAML plus CLI overrides.
 
-Each section is a frozen dataclass kept by the code that owns it (ModelConfig here,
-DataConfig in cluster.data, PipelineConfig in cluster.pipeline, StorageConfig in
-actors.writer, CaptureConfig in actors.capture, AnalysisConfig in analysis); `load_config` builds them with common.config,
-which rejects unknown keys (listing the valid ones) and wrong types (naming key, value and
-expected type). Each worker receives only its own section.
+Each section is a frozen dataclass kept by the code that owns it, and written once, defaults
+included: ModelConfig here, DataConfig in cluster.data, PipelineConfig in cluster.pipeline,
+StorageConfig in common.storage, CaptureConfig in actors.capture, AnalysisConfig in
+analysis.settings. `load_config` builds them with common.config, which rejects unknown keys
+(listing the valid ones) and wrong types (naming key, value and expected type).
+
+What each worker receives: a stage actor its StageSpec (actors/stage.py), which holds the
+storage and capture sections as they are and, of the pipeline section, the values that
+concern a stage (device, writer, write_depth, its threads, the warm-up's shape); the scan
+actors the analysis section's thresholds. Loading a config imports neither Polars,
+matplotlib nor Ray (tests/test_imports.py).
 """
 
 from __future__ import annotations

@@ -69,17 +69,17 @@ class Ledger:
 
 def new_record(config, prepared) -> RunRecord:
     """The record of a run about to start (`config`: a RunConfig; `prepared`: what run.prepare made)."""
-    body = prepared.anatomy
+    model = prepared.anatomy
     batches = plan_micro_batches(config.data.num_sequences, config.pipeline.micro_batch_size)
     return RunRecord(
-        num_layers=body.num_layers, hidden_size=body.hidden_size, tokens=int(prepared.tokens.numel()),
+        num_layers=model.num_layers, hidden_size=model.hidden_size, tokens=int(prepared.tokens.numel()),
         storage_mode=config.storage.mode,
         floor=config.storage.floor if storage.mode(config.storage.mode).floor else None,
         seq_len=config.data.seq_len, num_sequences=config.data.num_sequences,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         config=config.to_dict(), output=files.absolute(config.storage.output),  # jobs run in a temp dir
-        model_path=prepared.model_path, model_type=body.model_type, family=body.family, dtype=body.dtype,
-        quantization=body.quantization,
+        model_path=prepared.model_path, model_type=model.model_type, family=model.family, dtype=model.dtype,
+        quantization=model.quantization,
         plan=[StageRecord(stage=i, layers=[r.start, r.stop], param_bytes=b)
               for i, (r, b) in enumerate(zip(prepared.stages, prepared.stage_bytes))],
         batches={i: BatchRecord(seqs=[r.start, r.stop]) for i, r in enumerate(batches)},

@@ -3,7 +3,7 @@
 A run holds R replicas of one pipeline of N stages (cluster/dispatch.py says which replica
 runs which micro-batch; cluster/drive.py pushes them through). A stage computes one
 micro-batch at a time, in submission order, so submitting micro-batch m to stage 0 while
-m-1 is still in stage 1 keeps both busy. A stage takes two calls at once (`Serial`): Ray
+m-1 is still in stage 1 keeps both busy. A stage takes two calls at once (`OneComputeThread`): Ray
 fetches the next micro-batch's state and stores the last one's while the stage computes,
 not between its computes.
 """
@@ -87,7 +87,7 @@ CALLS_AT_ONCE = 2
 fetched and the last one's result is stored (8-32 MiB each way at GPU shapes)."""
 
 
-class Serial:
+class OneComputeThread:
     """Mixin for a stage actor that Ray runs with CALLS_AT_ONCE threads: the stage itself is
     built and computes on one thread of its own, one call at a time, in the order they came
     (with two threads at most one call waits).
@@ -105,7 +105,7 @@ class Serial:
         return self.computer.submit(super().forward, batch).result()
 
 
-class RayStage(Serial, StageActor):
+class RayStage(OneComputeThread, StageActor):
     """A stage as a Ray actor: its worker's log records carry the stage's name."""
 
     def __init__(self, spec: StageSpec):

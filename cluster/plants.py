@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.families import SITES as SITE_ROLES
 from actors.families import family_of, site_modules
 from actors.families import inner_model
 from actors.moe import moe_blocks
 from common.errors import ConfigError
+from common.layout import SITES
 
-SITES = tuple(SITE_ROLES)
 KINDS = ("norm", "embedding", "expert")
 
 

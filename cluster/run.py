@@ -20,7 +20,7 @@ from actors.shard import ShardSpec
 from actors.checkpoint import checkpoint_dir, load_config, text_config
 from actors.stage import StageSpec
 from actors.handoff import MicroBatch
-from analysis.pool import EarlyStart, wanted
+from analysis.pool import EarlyStart, repays_actors
 from cluster import placement
 from cluster.config import RunConfig
 from cluster.data import load_texts, pack_sequences, shuffle_documents
@@ -70,7 +70,7 @@ def prepare(config: RunConfig) -> Prepared:
     """Resolve the checkpoint and tokenize the data; plan the stages when their number is given."""
     path = model_path(config)
     model_config = load_config(path)
-    body = anatomy(path, model_config, config.model.dtype, config.model.experts_implementation, config.capture)
+    parts = anatomy(path, model_config, config.model.dtype, config.model.experts_implementation, config.capture)
     limit = getattr(text_config(model_config), "max_position_embeddings", None)
     if limit and config.data.seq_len > limit:
         raise PlanError(
@@ -88,7 +88,7 @@ def prepare(config: RunConfig) -> Prepared:
         tokenizer, texts, config.data.num_sequences, config.data.seq_len,
         source=f"data.source={config.data.source!r}",
     )
-    prepared = Prepared(path, model_config, body, tokens)
+    prepared = Prepared(path, model_config, parts, tokens)
     if config.pipeline.num_stages != "auto":
         prepared.shape = plan_shape(config, prepared, Hardware(gpus=0, gpu_bytes=None))
     return prepared
@@ -104,8 +104,8 @@ def headroom(config: RunConfig, prepared: Prepared) -> Activations:
 def plan_shape(config: RunConfig, prepared: Prepared, hardware: Hardware) -> Shape:
     """The stages of one pipeline for `hardware`: `pipeline.num_stages`, or under `auto` the fewest
     that fit one GPU; refused in one line if they cannot fit."""
-    body, stages = prepared.anatomy, config.pipeline.num_stages
-    sizes = (list(body.layer_bytes), body.embed_bytes, body.shared_bytes)
+    model, stages = prepared.anatomy, config.pipeline.num_stages
+    sizes = (list(model.layer_bytes), model.embed_bytes, model.shared_bytes)
     if stages != "auto" or hardware.one_device:  # stages sharing one device: more of them fit no better
         shape = fixed_shape(*sizes, 1 if stages == "auto" else stages, headroom(config, prepared))
     elif hardware.gpu_bytes:
@@ -115,8 +115,8 @@ def plan_shape(config: RunConfig, prepared: Prepared, hardware: Hardware) -> Sha
                         "node sees no GPU; set pipeline.gpu_memory_gib.")
     else:  # CPU stages: one process holds the model, as a plain forward would
         shape = fixed_shape(*sizes, 1, headroom(config, prepared))
-    weights = f"weights: the {body.quantization} release loaded dequantized to {body.dtype}" \
-        if body.quantization else "weights"
+    weights = f"weights: the {model.quantization} release loaded dequantized to {model.dtype}" \
+        if model.quantization else "weights"
     check_fits(shape, hardware.gpu_bytes, hardware.gpus, auto=stages == "auto", weights=weights,
                one_device=hardware.one_device)
     return replace(shape, gpu_bytes=hardware.gpu_bytes if hardware.gpus else None)
@@ -167,18 +167,18 @@ def write_tokens(layout: RunLayout, tokens: torch.Tensor) -> None:
 def expected_table_bytes(config: RunConfig, prepared: Prepared) -> int:
     """About how many bytes of tables the run will write (dense: every value at 2 or 4 bytes;
     exceedances: the per-dim statistics alone, the kept entries being unknown in advance)."""
-    body, sites = prepared.anatomy, 2 + config.capture.residual
+    model, sites = prepared.anatomy, 2 + config.capture.residual
     if storage.is_dense(config.storage.mode):
-        width = 4 if body.dtype == "float32" else 2
-        return prepared.tokens.numel() * body.num_layers * sites * body.hidden_size * width
+        width = 4 if model.dtype == "float32" else 2
+        return prepared.tokens.numel() * model.num_layers * sites * model.hidden_size * width
     batches = len(plan_micro_batches(len(prepared.tokens), config.pipeline.micro_batch_size))
-    return batches * body.num_layers * sites * body.hidden_size * 40  # NOTE: 5 columns of 8 bytes
+    return batches * model.num_layers * sites * model.hidden_size * 40  # NOTE: 5 columns of 8 bytes
 
 
 def early_analysis(config: RunConfig, prepared: Prepared, progress: Progress) -> EarlyStart | None:
     """What starts the scan actors near the end of the extraction, for a run big enough to want them."""
     settings = config.analysis
-    if not wanted(expected_table_bytes(config, prepared), settings.scan_actors_from_mb):
+    if not repays_actors(expected_table_bytes(config, prepared), settings.scan_actors_from_mb):
         return None
     return EarlyStart(settings.num_actors, progress.eta_s)
 

@@ -24,14 +24,22 @@ from common.errors import RunError
 TEMP_MARK = ".tmp-"
 
 
+def is_uri(uri: str) -> bool:
+    """Whether `uri` names an object store (s3://...) rather than a local path: an existing
+    local path is always that path, whatever it holds (colons, '://')."""
+    return "://" in uri and not os.path.exists(os.path.expanduser(uri))
+
+
 def absolute(uri: str) -> str:
     """A run directory as an absolute path, or the URI unchanged."""
-    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+    return uri if is_uri(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, root path inside it) for a directory given as path or URI."""
-    return pafs.FileSystem.from_uri(absolute(str(uri)))
+    uri = absolute(str(uri))
+    # NOTE: a local path is never parsed as a URI: its colons and '?' are its own.
+    return pafs.FileSystem.from_uri(uri) if is_uri(uri) else (pafs.LocalFileSystem(), uri)
 
 
 def _atomically(fs: pafs.FileSystem, path: str, write: Callable[[str], None]) -> int:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from actors import faults
-from actors.families import SITES, family_of
+from actors.families import SITE_ROLES, family_of
 from common import files
 from common.layout import RunLayout
 from common.storage import DENSE, StorageConfig
@@ -202,7 +202,7 @@ class FirstReader:
         self.taken: dict = {}
         self.handles = []
         for index, layer in enumerate(layers):
-            for site, role in SITES.items():
+            for site, role in SITE_ROLES.items():
                 block = family.role_module(layer, role)
                 for module in block.modules():
                     if next(module.parameters(recurse=False), None) is not None:
@@ -288,7 +288,7 @@ def dense_tables(run: Path) -> dict:
 def assert_same_tables(run: Path, clean: Path) -> int:
     """Every table of `run` equals the fault-free `clean` one; returns the rows compared."""
     got, want = dense_tables(run), dense_tables(clean)
-    assert got.keys() == want.keys() and len(got) == 6 * len(SITES)
+    assert got.keys() == want.keys() and len(got) == 6 * len(SITE_ROLES)
     rows = 0
     for key, frame in want.items():
         assert got[key]["seq"].to_list() == frame["seq"].to_list(), key

@@ -22,7 +22,8 @@ import transformers
 from actors.anatomy import anatomy
 from actors.capture import CaptureConfig
 from actors.families import inner_model
-from actors.families import FAMILIES, SITES, support_table
+from actors.families import FAMILIES, support_table
+from common.layout import SITES
 from actors.checkpoint import load_config
 from analysis.criteria import Criteria, feature_stats, outlier_features
 from analysis.scan import Scanner

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.families import SITES
+from common.layout import SITES
 from actors.shard import ShardSpec
 from actors.stage import StageActor, StageSpec
 from common.layout import RunLayout

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.families import SITES
+from common.layout import SITES
 from cluster.config import load_config
 from cluster.run import execute
 from tests.conftest import read_site, run_config, stored_record, stored_summary

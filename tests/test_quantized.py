@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from actors.anatomy import anatomy
-from actors.families import SITES
+from common.layout import SITES
 from actors.checkpoint import load_config, load_full
 from common.errors import ModelError
 from cluster.tiny_model import TinySpec, build_tiny

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors.families import SITES
+from common.layout import SITES
 from cluster.config import load_config
 from cluster.run import execute
 from common.errors import RunError
