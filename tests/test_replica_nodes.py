@@ -55,7 +55,9 @@ def hold_survivors(slow: Path, held_s: float) -> None:
     armed = [{"kind": "delay", "stage": 0, "seconds": 1.0}]
     armed += [{"kind": "delay", "stage": 0, "replica": r, "seconds": held_s, "once": str(slow.parent / f"held-{r}")}
                for r in (0, 1, 3)]
-    slow.write_text(json.dumps(armed))
+    fresh = slow.with_suffix(".next")
+    fresh.write_text(json.dumps(armed))
+    os.replace(fresh, slow)  # at once: a stage reads the file before every micro-batch
 
 
 def test_a_lost_node_leaves_the_run_to_the_other_replicas(four_nodes, planted_checkpoint, tmp_path, caplog,
