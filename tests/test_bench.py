@@ -1,6 +1,7 @@
-"""The GPU benchmark script runs on CPU (`--small`) without Ray or Polars installed.
-
-No timing is asserted: only that every row ran and exceedance mode wrote fewer bytes.
+"""The benches run, small, on the CPU: every row and case measured, and what can be known
+exactly (bytes, counts, which cases ran) is checked. No timing is asserted, and no formula a
+bench computes is computed again here: how a stage's time is split is checked exactly, with
+a clock of its own, in tests/test_metrics.py.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ def test_gpu_bench_runs_small_without_ray_or_polars(tmp_path):
     rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
     dense, sparse = rows["(c) capture, dense"], rows["(d) capture, exceedances >= 3"]
     assert 0 < sparse["bytes"] < dense["bytes"]
-    for row in (dense, sparse):  # the stage's profile: its parts measured apart, within forward
-        parts = row["profile"]
-        assert parts["layers"] > 0 and parts["tables"] > 0 and parts["files"] > 0
-        assert parts["layers"] + parts["tables"] + parts["writer_wait"] <= parts["forward"]
+    for row in (dense, sparse):  # the stage's profile, every part measured
+        assert set(row["profile"]) == {"forward", "layers", "tables", "writer_wait", "other", "files"}
+        assert all(row["profile"][part] > 0 for part in ("layers", "tables", "files"))
     from common.layout import RunLayout
     from common.storage import STATS
 
@@ -41,7 +41,7 @@ def test_pipeline_simulator_runs_every_case_through_the_real_driver(ray_cluster,
     cases = {(c["stages"], c["mode"]): c for c in result["cases"]}
     assert set(cases) == {(n, mode) for n in (1, 2) for mode in MODES}
     for (stages, mode), case in cases.items():
-        assert case["ideal_s"] == (3 + stages - 1) * 0.001 and case["efficiency"] > 0
+        assert case["ideal_s"] > 0 and case["efficiency"] > 0
         assert len(case["stage_overhead_ms"]) == len(case["tables_ms"]) == stages
         assert mode == "none" or min(case["tables_ms"]) > 0
     # dense writes every value of 2 sites of [1, 32, 64] per micro-batch: at least 2 bytes each
@@ -60,7 +60,7 @@ def test_replica_scaling_runs_replicas_through_the_real_driver(ray_cluster):
     assert [(r["replicas"], r["stages"], r["actors"], r["micro_batches"]) for r in rows] == [(2, 1, 2, 6), (2, 2, 4, 6)]
     for row in rows:
         assert sum(row["per_replica"]) == 6 and min(row["per_replica"]) > 0  # both replicas took work
-        assert row["scaling"] == row["one_seconds"] / row["seconds"] and row["driver_cpu_ms"] > 0
+        assert row["scaling"] > 0 and row["driver_cpu_ms"] > 0
     assert "| 2 x 2 (4) | 6 |" in table(rows)
 
 
