@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -30,10 +30,33 @@ from actors.metrics import StageMetrics
 from actors.shard import ShardSpec, load_shard
 from actors.background import WRITE_DEPTH, InlineRunner, ThreadRunner
 from actors.writer import tables_for
+from common.config import choice, positive
 from common.runtime import ray_running
 from common.storage import StorageConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """The part of the `pipeline:` config section a stage reads (PipelineConfig extends it)."""
+
+    device: str = "auto"
+    """auto (GPU when Ray gives one, else CPU), cuda or cpu."""
+    write_depth: int = WRITE_DEPTH
+    """Micro-batches queued for a stage's writes before the stage waits."""
+    writer: str = "auto"
+    """Where a stage writes its files: auto (inline on a CPU stage writing to a local path, else
+    a thread of its own), thread or inline (actors/background.py)."""
+
+    def __post_init__(self):
+        positive("pipeline.write_depth", self.write_depth)
+        choice("pipeline.writer", self.writer, ["auto", "thread", "inline"])
+        choice("pipeline.device", self.device, ["auto", "cuda", "cpu"])
+
+    def stage_part(self) -> StageSettings:
+        """These settings alone, without the rest of a PipelineConfig."""
+        return StageSettings(**{f.name: getattr(self, f.name) for f in fields(StageSettings)})
 
 
 @dataclass(frozen=True)
@@ -44,11 +67,8 @@ class StageSpec:
     shard: ShardSpec
     storage: StorageConfig       # the run's `storage:` section: output, mode, floor
     capture: CaptureConfig = CaptureConfig()  # the run's `capture:` section: routing, experts, residual
+    pipeline: StageSettings = StageSettings()  # the run's `pipeline:` section, the part a stage reads
     replica: int = 0             # which of the run's pipelines (cluster/dispatch.py)
-    # The stage's part of the `pipeline:` section (cluster/pipeline.py holds the defaults):
-    device: str = "auto"         # auto: the GPU Ray gave us, else the CPU
-    writer: str = "auto"         # auto, thread or inline (actors/background.py)
-    write_depth: int = WRITE_DEPTH  # micro-batches queued for the writes before forward blocks
     num_threads: int | None = None  # torch CPU threads; None leaves torch's default
     warm_up: tuple[int, int] = (1, 8)  # [batch, seq] of the warm-up forward: a micro-batch's shape
 
@@ -82,7 +102,7 @@ class StageActor:
 
         hf_logging.disable_progress_bar()  # one bar per stage only clutters the driver log
         self.spec = spec
-        self.device = pick_device(spec.device)
+        self.device = pick_device(spec.pipeline.device)
         self.model = load_shard(spec.shard, self.device)
         self.config = self.model.config
         family = family_of(self.config.model_type)
@@ -102,9 +122,9 @@ class StageActor:
     def start_writing(self, tables, started: float) -> None:
         """The runner of the tables' writes (actors/background.py) and the counters; the stage is
         ready once this returns. With `writer: auto`, a CPU stage writing to a local path writes inline."""
-        choice = self.spec.writer
-        inline = choice == "inline" or (choice == "auto" and self.device.type == "cpu" and tables.layout.local)
-        self.runner = InlineRunner(tables) if inline else ThreadRunner(tables, depth=self.spec.write_depth)
+        where = self.spec.pipeline.writer
+        inline = where == "inline" or (where == "auto" and self.device.type == "cpu" and tables.layout.local)
+        self.runner = InlineRunner(tables) if inline else ThreadRunner(tables, depth=self.spec.pipeline.write_depth)
         self.load_s = time.perf_counter() - started
         self.busy_s = self.layers_s = 0.0
         self.tokens = self.micro_batches = 0

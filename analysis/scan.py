@@ -1,13 +1,10 @@
 """Read a run's captured activations into the two tables the criteria work on.
 
 A run (common.layout) holds, per (layer, site), either dense activations or, per stage and
-micro-batch, stored exceedances with per-dim statistics:
+micro-batch, stored exceedances with per-dim statistics (the storage modes and their columns:
+common/storage.py).
 
-    dense:        seq, pos, token_id, act[hidden]
-    exceedances:  layer, site, seq, pos, dim, value  (|value| >= floor)
-    stats:        layer, site, dim, count, max_abs, sum, sum_sq
-
-`Scanner.scan` turns either layout into the same `Partial`: the exceedance table
+`Scanner.scan` turns either mode into the same `Partial`: the exceedance table
 (layer, site, seq, pos, dim, value) at |value| >= threshold, and the stats table
 (layer, site, dim, max_abs, count). Dense runs are split among scanners by partition;
 stored runs, whose files each hold every layer-site of a stage, by file (`share`).

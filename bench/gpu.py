@@ -78,7 +78,7 @@ def captured(model, batches, device, out: Path, mode: str, floor: float) -> dict
     """(c)/(d): one StageActor holding every layer, capturing and writing in `mode`."""
     import actors.stage as stage_module
     from actors.shard import ShardSpec
-    from actors.stage import StageSpec, profile
+    from actors.stage import StageSettings, StageSpec, profile
     from cluster.executor import LocalExecutor
     from cluster.pipeline import PipelineConfig
     from common.layout import RunLayout
@@ -88,7 +88,7 @@ def captured(model, batches, device, out: Path, mode: str, floor: float) -> dict
     stage_module.load_shard = lambda spec, device: model
     layers = range(model.config.num_hidden_layers)
     spec = StageSpec(0, ShardSpec("random-init", layers, "bfloat16"), StorageConfig(str(out / mode), mode, floor),
-                     device=str(device))
+                     pipeline=StageSettings(device=device.type))
     executor = LocalExecutor(PipelineConfig())  # the local executor: one stage, in this process
     executor.start([[spec]])
     stage = executor.stages[0]

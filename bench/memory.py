@@ -72,7 +72,7 @@ def measure(cache_dir: str) -> dict:
                       for index in range(BATCHES)])
     run_peak = status("VmHWM")
     hidden = MICRO_BATCH * SEQ * SPEC["hidden_size"] * 4  # float32 [batch, seq, hidden]
-    in_flight = (spec.write_depth + 2) * 2 * len(spec.shard.layers) * hidden + 2 * hidden
+    in_flight = (spec.pipeline.write_depth + 2) * 2 * len(spec.shard.layers) * hidden + 2 * hidden
     bound = weights + in_flight + base + FIXED_SLACK
     return {
         "checkpoint_bytes": checkpoint, "shard_weight_bytes": weights, "in_flight_bytes": in_flight,

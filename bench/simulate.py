@@ -34,7 +34,7 @@ import torch
 from actors.handoff import MicroBatch
 from common.layout import SITES
 from actors.shard import ShardSpec
-from actors.stage import StageActor, StageSpec, pick_device
+from actors.stage import StageActor, StageSettings, StageSpec, pick_device
 from actors.writer import DenseTables, ExceedanceTables
 from common.storage import DENSE, EXCEEDANCES, StorageConfig
 
@@ -134,7 +134,7 @@ class SimStage(StageActor):
     def __init__(self, spec: StageSpec, case: Case):
         started = time.perf_counter()
         torch.set_num_threads(1)
-        self.spec, self.device = spec, pick_device(spec.device)
+        self.spec, self.device = spec, pick_device(spec.pipeline.device)
         gen = torch.Generator().manual_seed(spec.index)
         shape = (1, case.seq_len, case.hidden)  # [batch, seq, hidden]
         self.config = SimpleNamespace(hidden_size=case.hidden, model_type="simulated")
@@ -152,8 +152,8 @@ class SimStage(StageActor):
 def stage_specs(case: Case, replica: int = 0) -> list[StageSpec]:
     return [StageSpec(i, ShardSpec("simulated", range(i * case.layers, (i + 1) * case.layers), "bfloat16"),
                       StorageConfig("/nonexistent", EXCEEDANCES if case.mode == EXCEEDANCES else DENSE),
-                      device=case.device, replica=replica,
-                      writer="thread")  # a GPU stage's writes, on their own thread, whatever the device
+                      # a GPU stage's writes, on their own thread, whatever the device
+                      pipeline=StageSettings(device=case.device, writer="thread"), replica=replica)
             for i in range(case.stages)]
 
 

@@ -14,8 +14,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from actors.background import WRITE_DEPTH
-from actors.stage import StageActor, StageSpec
+from actors.stage import StageActor, StageSettings, StageSpec
 from actors.handoff import MicroBatch
 from common import logs
 from common.config import choice, positive
@@ -25,8 +24,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PipelineConfig:
-    """The `pipeline:` config section: replicas, stages, micro-batches and where they run."""
+class PipelineConfig(StageSettings):
+    """The `pipeline:` config section: replicas, stages, micro-batches and where they run (and,
+    from StageSettings, what each stage reads: device, writer, write_depth)."""
 
     num_stages: int | str = 1
     """Pipeline stages, one Ray actor and one GPU each; `auto`: the fewest whose shards fit one
@@ -39,17 +39,10 @@ class PipelineConfig:
     """Sequences per micro-batch (the unit of work and of commit)."""
     max_in_flight: int = 0
     """Micro-batches in each replica at once; 0 means num_stages + 1."""
-    device: str = "auto"
-    """auto (GPU when Ray gives one, else CPU), cuda or cpu."""
     cpus_per_stage: float = 1.0
     """CPU cores reserved for each stage actor."""
     threads_per_stage: int = 0
     """torch threads in a stage; 0 means cpus_per_stage."""
-    write_depth: int = WRITE_DEPTH
-    """Micro-batches queued for a stage's writer before the stage waits."""
-    writer: str = "auto"
-    """Where a stage writes its files: auto (inline on a CPU stage writing to a local path, else
-    a thread of its own), thread or inline (actors/background.py)."""
     placement_timeout_s: float = 60.0
     """How long to wait for the cluster to fit the stages, or for a lost stage to come back."""
     placement: str = "auto"
@@ -58,6 +51,7 @@ class PipelineConfig:
     stage per node), as Ray's strategies of one placement group per replica."""
 
     def __post_init__(self):
+        super().__post_init__()
         for key in ("num_stages", "num_replicas"):
             value = getattr(self, key)
             if isinstance(value, str) and value != "auto":
@@ -70,9 +64,6 @@ class PipelineConfig:
         if self.cpus_per_stage <= 0:
             raise ConfigError(f"pipeline.cpus_per_stage={self.cpus_per_stage}: must be more than 0.")
         positive("pipeline.micro_batch_size", self.micro_batch_size)
-        positive("pipeline.write_depth", self.write_depth)
-        choice("pipeline.writer", self.writer, ["auto", "thread", "inline"])
-        choice("pipeline.device", self.device, ["auto", "cuda", "cpu"])
         choice("pipeline.placement", self.placement, ["auto", "pack", "spread", "strict_spread"])
         if self.max_in_flight < 0:
             raise ConfigError(f"pipeline.max_in_flight={self.max_in_flight}: use 0 (auto) or more.")

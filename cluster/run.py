@@ -137,9 +137,7 @@ def stage_specs(config: RunConfig, prepared: Prepared, output: str, replica: int
             ),
             storage=replace(config.storage, output=output),
             capture=config.capture,
-            device=pipe.device,
-            writer=pipe.writer,
-            write_depth=pipe.write_depth,
+            pipeline=pipe.stage_part(),
             num_threads=pipe.threads_per_stage or (None if local else max(1, int(pipe.cpus_per_stage))),
             warm_up=(pipe.micro_batch_size, config.data.seq_len),
         )

@@ -17,7 +17,7 @@ import yaml
 from actors import faults
 from actors.background import WriteError
 from actors.shard import ShardSpec
-from actors.stage import StageActor, StageSpec
+from actors.stage import StageActor, StageSettings, StageSpec
 from actors.handoff import MicroBatch
 from cluster.config import load_config
 from cluster.run import execute
@@ -213,7 +213,8 @@ def test_a_cpu_stage_on_a_local_disk_writes_before_forward_returns(tiny_checkpoi
 
     ids, mask = token_batch(seed=1, batch=2, seq=8)
     shard = ShardSpec(tiny_checkpoint("qwen3_moe"), range(0, 2))
-    threaded = StageActor(StageSpec(0, shard, StorageConfig(str(tmp_path / "threaded")), writer="thread"))
+    threaded = StageActor(StageSpec(0, shard, StorageConfig(str(tmp_path / "threaded")),
+                                    pipeline=StageSettings(writer="thread")))
     assert isinstance(threaded.runner, ThreadRunner)  # as asked: `pipeline.writer: thread`
     threaded.close()
     stage = StageActor(StageSpec(0, shard, StorageConfig(str(tmp_path))))

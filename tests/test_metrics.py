@@ -99,7 +99,7 @@ def test_stage_stats_put_each_part_of_forward_in_its_own_counter(tiny_checkpoint
     # The bench's per-stage profile. A clock that only the parts move, each by its own amount
     # per micro-batch: the counters must hold exactly each part's time, and forward their sum.
     from actors import background, stage as stage_module
-    from actors.stage import StageActor, profile
+    from actors.stage import StageActor, StageSettings, profile
     from actors.writer import DenseTables, ExceedanceTables, Tables
 
     clock = Clock()
@@ -119,7 +119,7 @@ def test_stage_stats_put_each_part_of_forward_in_its_own_counter(tiny_checkpoint
     monkeypatch.setattr(Tables, "write", taking(Tables.write, 0.0625))
     ids, mask = token_batch(seed=1, batch=6, seq=16, pad_last=3)
     stages = run_stages(tiny_checkpoint("qwen3_moe"), "float32", tmp_path, ids, mask, num_layers=4,
-                        num_stages=2, micro_batch=2, storage=storage, writer="inline")
+                        num_stages=2, micro_batch=2, storage=storage, pipeline=StageSettings(writer="inline"))
     for stage in stages:
         stats = stage.stats()
         assert stats["micro_batches"] == 3 and stats["tokens"] == int(mask.sum()) and stats["bytes_written"] > 0
