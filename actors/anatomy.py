@@ -9,7 +9,6 @@ shared experts, dequantized releases), and the dtype `auto` stands for.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -3,6 +3,7 @@ and the whole model as a plain `from_pretrained` builds it (the reference the st
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch

@@ -8,7 +8,6 @@ exceedances), and `reference_per_dim` is the brute-force answer to compare again
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -145,8 +145,6 @@ def assert_routing_and_experts(run, routed: dict, keep) -> None:
 
 @pytest.mark.parametrize("model_type", sorted(t for t, f in FAMILIES.items() if f.ray))
 def test_ray_runs_equal_the_models_own_forward(ray_cluster, family_checkpoint, tmp_path, model_type):
-    import json
-
     import torch
     from transformers import AutoTokenizer
 
