@@ -79,3 +79,14 @@ def test_loading_a_config_imports_neither_polars_matplotlib_nor_ray():
             "print(sorted(m for m in ('polars', 'matplotlib', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_packages_import_downward_only():
+    # common/ imports only itself; actors/ and analysis/ never each other; nothing imports the
+    # driver (cluster/) but the driver, the API and the benches.
+    allowed = {"common": {"common"}, "actors": {"actors", "common"}, "analysis": {"analysis", "common"},
+               "cluster": {"actors", "analysis", "cluster", "common"}}
+    known = modules()
+    upward = [f"{name} -> {other}" for name, path in known.items() for other in imports(path, known)
+              if name.split(".")[0] in allowed and other.split(".")[0] not in allowed[name.split(".")[0]]]
+    assert upward == []
