@@ -87,6 +87,21 @@ def test_scan_actors_start_during_extraction_only_for_large_runs(ray_cluster, pl
     assert timings["total_s"] >= timings["extract_s"] + timings["analysis_s"] + timings["report_s"]
 
 
+@pytest.mark.parametrize("spare, started", [(0.0, []), (0.5, []), (1.0, [2])])
+def test_scan_actors_start_early_only_beside_a_free_cpu(monkeypatch, spare, started):
+    # Where the stages hold every core, an actor's start (imports, ~1.5 s of CPU) slows them.
+    import analysis.pool
+
+    pools, asked = [], []
+    monkeypatch.setattr(analysis.pool, "ScanPool", lambda count: pools.append(count) or object())
+    early = analysis.pool.EarlyStart(2, eta_s=lambda: 3.0, spare_cpus=lambda: asked.append(1) or spare)
+    commit = early.after(lambda indices: None)
+    for index in range(3):
+        commit([index])
+    assert pools == started and len(asked) == 1  # decided once, at the lead time
+    assert (early.pool is None) == (not started)
+
+
 def test_a_model_without_plants_has_no_outlier_features(ray_cluster, tiny_checkpoint, tmp_path):
     result = execute(load_config(run_config(tiny_checkpoint("qwen3_moe"), tmp_path / "run")), quiet=True)
     assert result["summary"]["outlier_features"] == []
