@@ -8,55 +8,22 @@ from __future__ import annotations
 
 import base64
 import csv
-import io
 import subprocess
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-from PIL import Image
 
 from analysis import analyse
 from analysis.html import HEADER, TITLES
 from common.layout import RunLayout
 from tests.conftest import stored_summary
+from tests.pages import Page, decode
 from tests.synthetic import plant, random_activations, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Page(HTMLParser):
-    """Collects each table's rows (by id) and each image's id and data."""
-
-    def __init__(self):
-        super().__init__()
-        self.tables: dict[str, list[list[str]]] = {}
-        self.images: dict[str, str] = {}
-        self.table = None
-        self.cell = None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "table":
-            self.table = self.tables.setdefault(attrs.get("id"), [])
-        elif tag == "tr":
-            self.table.append([])
-        elif tag in ("td", "th"):
-            self.cell = ""
-        elif tag == "img":
-            self.images[attrs["id"]] = attrs["src"]
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th"):
-            self.table[-1].append(self.cell)
-            self.cell = None
-
-    def handle_data(self, data):
-        if self.cell is not None:
-            self.cell += data
 
 
 def activations(seed: int, big_dim: int):
@@ -73,12 +40,6 @@ def run(tmp_path):
     acts = activations(11, big_dim=3)
     root = write_run(tmp_path / "run", acts, parts=1)
     return root, analyse(str(root)), acts
-
-
-def decode(png: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(png))
-    image.load()  # decodes every pixel; a truncated file raises
-    return image
 
 
 def test_plots_decode_and_html_embeds_them(run):

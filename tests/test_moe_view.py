@@ -176,7 +176,7 @@ def test_reports_explain_and_compare_show_the_moe_view(super_expert, tokens, tmp
     import sys
     from pathlib import Path
 
-    from tests.test_html_report import Page, decode
+    from tests.pages import Page, decode
 
     ids, mask = tokens
     in_process_run(super_expert, "float32", tmp_path / "run", ids, mask, num_stages=2, capture=EVERYTHING)
