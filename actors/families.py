@@ -101,7 +101,8 @@ def _family(name: str, attention: tuple[str, ...] = ("self_attn",), mlp: tuple[s
 _GRANITE_SCALES = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22,
                    "attention_multiplier": 1 / 64, "logits_scaling": 8.0}
 _ROUTED_SCALE = {"routed_scaling_factor": 2.0}
-_DENSE_FIRST = {"mlp_layer_types": ["dense"] + ["sparse"] * 5}  # a dense MLP first: HF's layer types, not a storage mode
+# A dense MLP first: HF's names of the layer types, not a storage mode.
+_DENSE_FIRST = {"mlp_layer_types": ["dense"] + ["sparse"] * 5}
 _HYBRID = ("self_attn", "linear_attn")
 
 # model_type -> Family. Every entry is covered by tests/test_families.py: a tiny random-init

@@ -1,8 +1,9 @@
 """Typed configuration sections: frozen dataclasses built from plain mappings, checked on the way.
 
 Each section lives with the code that owns it (StorageConfig with the storage modes,
-DataConfig with the data, ...; cluster/config.py lists them); `build` makes any of them from a mapping, rejecting unknown keys (and
-listing the valid ones) and wrong types (naming key, value and expected type).
+DataConfig with the data, ...; cluster/config.py lists them); `build` makes any of them from a
+mapping, rejecting unknown keys (and listing the valid ones) and wrong types (naming key, value
+and expected type).
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ class RunRecord:
 
     def __post_init__(self):
         if self.storage_mode not in storage.MODES:
-            raise RunError(f"run record: storage_mode={self.storage_mode!r}; analysis reads one of {list(storage.MODES)}.")
+            raise RunError(f"run record: storage_mode={self.storage_mode!r}; analysis reads one of "
+                           f"{list(storage.MODES)}.")
         if storage.mode(self.storage_mode).floor and self.floor is None:
             raise RunError(f"run record: storage_mode={self.storage_mode!r} needs 'floor'; re-run extraction.")
 

@@ -72,8 +72,8 @@ def moved(present) -> str | None:
 
 def test_the_transformers_internals_we_use_are_where_they_were():
     moved_ones = [f"{name} (used by {user}: {why})" for name, user, present in INTERNALS if (why := moved(present))]
-    assert not moved_ones, (f"transformers {transformers.__version__} moved {'; '.join(moved_ones)}. Adapt those users, "
-                       "then widen the transformers pin in pyproject.toml.")
+    assert not moved_ones, (f"transformers {transformers.__version__} moved {'; '.join(moved_ones)}. "
+                            "Adapt those users, then widen the transformers pin in pyproject.toml.")
 
 
 def test_the_installed_transformers_is_the_pinned_one():
