@@ -11,10 +11,7 @@ from torch import nn
 
 from common.errors import ModelError
 
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 # Quantized releases a stage loads dequantized: quant_method -> transformers config class.
 DEQUANTIZABLE = {"fp8": "FineGrainedFP8Config", "mxfp4": "Mxfp4Config"}
 

@@ -183,8 +183,8 @@ class PassThrough(Absent):
 
 class StandInEmbedding(Absent):
     """The token embeddings of a stage after the first: a tensor of the right shape, which
-    the first layer's hand-off replaces. `fill` is "zeros", or "noise" to check that nothing
-    downstream depends on it (actors/stage.py)."""
+    the first layer's hand-off replaces. `fill` is "zeros", or "noise" (`noise_in`) to check
+    that nothing downstream depends on it."""
 
     def __init__(self, original: nn.Module, hidden_size: int):
         super().__init__(original)

@@ -33,7 +33,7 @@ from actors.select import BlockSelector, select_torch
 from common import files, histogram, storage
 from common.patch import KEY as PATCH, pack, patchable
 from common.layout import RunLayout
-from common.storage import EXCEEDANCES, HISTOGRAMS, STATS
+from common.storage import EXCEEDANCES, HISTOGRAMS, STATS, TOKENS
 from common.threshold import float32_bar
 
 
@@ -187,14 +187,14 @@ class DenseTables(Tables):
                 moe: list | None = None) -> list[Piece]:
         keep = batch.attention_mask.bool().cpu()  # [batch, seq]
         rows, pos = keep.nonzero(as_tuple=True)
-        tokens = {"seq": np.asarray(batch.seqs, dtype=np.int64)[rows.numpy()], "pos": pos.numpy(),
-                  "token_id": batch.input_ids.cpu()[keep].numpy()}
+        tokens = storage.table(TOKENS, seq=np.asarray(batch.seqs, dtype=np.int64)[rows.numpy()], pos=pos.numpy(),
+                               token_id=batch.input_ids.cpu()[keep].numpy())
         pieces = self.capture_pieces(batch, captured, moe)
         for (layer, site), acts in sorted(captured.items()):
             # NOTE: padding is dropped on the device, so only real tokens cross to the host.
             values, encoding, patch = encode(valid_rows(acts, keep))  # [rows, hidden]
             metadata = {"encoding": encoding, "model_dtype": str(acts.dtype).removeprefix("torch.")}
-            table = storage.dense_table(values, **tokens).replace_schema_metadata(
+            table = storage.dense_table(tokens, values).replace_schema_metadata(
                 metadata if patch is None else {**metadata, PATCH: patch})
             pieces.append(Piece(self.layout.dense(layer, site, batch.index), table, ipc=True))
         return pieces

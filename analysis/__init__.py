@@ -12,22 +12,19 @@ actors (analysis.pool); smaller runs are scanned in this process.
 
 from __future__ import annotations
 
+import importlib
+
 from analysis.settings import AnalysisConfig, Criteria, run_criteria, run_settings
 
 __all__ = ["Analysis", "AnalysisConfig", "Criteria", "analyse", "compute", "feature_table", "run_criteria",
            "run_settings", "write_report"]
-_COMPUTE = {"Analysis", "analyse", "compute", "write_report"}
+_LAZY = {"Analysis": "steps", "analyse": "steps", "compute": "steps", "write_report": "steps",
+         "feature_table": "report"}
 
 
 def __getattr__(name: str):
     """The analysis itself on first use, so that a config's `analysis:` section (analysis.settings)
     loads without Polars and matplotlib."""
-    if name in _COMPUTE:
-        from analysis import steps
-
-        return getattr(steps, name)
-    if name == "feature_table":
-        from analysis.report import feature_table
-
-        return feature_table
-    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"analysis.{_LAZY[name]}"), name)

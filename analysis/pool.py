@@ -8,7 +8,8 @@ a small machine, more than the whole scan of a small run. So:
   (cluster.run), so they are ready, imports done, when the extraction ends, if the cluster
   has a CPU the stages do not hold. Where the stages hold every core (a CPU machine), the
   start would slow them by more than it saves: on the 2-core bench, a float32 run's layers
-  took 5.6 s instead of 4.1 s (its dense tables pass the size; the bfloat16 run's do not).
+  took 5.3-6.0 s with it, 4.2-4.5 s without (its dense tables pass the size; the bfloat16
+  run's do not; bench/RESULTS.md).
   There the actors start once the extraction is done.
 
 The actors take no CPU from Ray's accounting (`num_cpus=0`): started early they must not

@@ -123,7 +123,7 @@ class Scanner:
         self.threshold = float(threshold)
         self.allow_partial = allow_partial
         self.skipped: list[str] = []
-        if storage.mode(record.storage_mode).floor and self.threshold < record.floor:
+        if not storage.is_dense(record.storage_mode) and self.threshold < record.floor:
             raise ConfigError(
                 f"analysis.threshold={threshold}: below the run's storage floor {record.floor}, so "
                 f"smaller entries were never stored. Use threshold >= {record.floor}, or re-extract "

@@ -74,7 +74,7 @@ def new_record(config, prepared) -> RunRecord:
     return RunRecord(
         num_layers=model.num_layers, hidden_size=model.hidden_size, tokens=int(prepared.tokens.numel()),
         storage_mode=config.storage.mode,
-        floor=config.storage.floor if storage.mode(config.storage.mode).floor else None,
+        floor=None if storage.is_dense(config.storage.mode) else config.storage.floor,
         seq_len=config.data.seq_len, num_sequences=config.data.num_sequences,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         config=config.to_dict(), output=files.absolute(config.storage.output),  # jobs run in a temp dir

@@ -37,9 +37,11 @@ def absolute(uri: str) -> str:
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, root path inside it) for a directory given as path or URI."""
-    uri = absolute(str(uri))
+    uri = str(uri)
+    if is_uri(uri):
+        return pafs.FileSystem.from_uri(uri)
     # NOTE: a local path is never parsed as a URI: its colons and '?' are its own.
-    return pafs.FileSystem.from_uri(uri) if is_uri(uri) else (pafs.LocalFileSystem(), uri)
+    return pafs.LocalFileSystem(), absolute(uri)
 
 
 def _atomically(fs: pafs.FileSystem, path: str, write: Callable[[str], None]) -> int:

@@ -73,7 +73,7 @@ class RunRecord:
         if self.storage_mode not in storage.MODES:
             raise RunError(f"run record: storage_mode={self.storage_mode!r}; analysis reads one of "
                            f"{list(storage.MODES)}.")
-        if storage.mode(self.storage_mode).floor and self.floor is None:
+        if not storage.is_dense(self.storage_mode) and self.floor is None:
             raise RunError(f"run record: storage_mode={self.storage_mode!r} needs 'floor'; re-run extraction.")
 
     def committed(self) -> set[int]:

@@ -32,23 +32,6 @@ STAGE_KINDS = (EXCEEDANCES, STATS, ROUTING, EXPERTS, EXPERT_DIMS, HISTOGRAMS)
 
 
 @dataclass(frozen=True)
-class Mode:
-    """What a storage mode stores, and so how a scan reads it."""
-
-    name: str
-    every_entry: bool   # every activation (dense), or only |x| >= floor plus statistics
-    kinds: tuple        # the activation tables it writes per micro-batch
-
-    @property
-    def floor(self) -> bool:
-        """Whether entries below a floor were never stored (thresholds must be >= it)."""
-        return not self.every_entry
-
-
-_MODES = {DENSE: Mode(DENSE, True, (ACTIVATIONS,)), EXCEEDANCES: Mode(EXCEEDANCES, False, (EXCEEDANCES, STATS))}
-
-
-@dataclass(frozen=True)
 class StorageConfig:
     """The `storage:` config section: where a run's tables go, and which."""
 
@@ -60,18 +43,15 @@ class StorageConfig:
     """Smallest |x| kept in exceedances mode; analysis thresholds must be >= floor."""
 
     def __post_init__(self):
-        mode(self.mode)
-
-
-def mode(name: str) -> Mode:
-    """The mode called `name`; ConfigError naming the choices for any other."""
-    choice("storage.mode", name, list(MODES))
-    return _MODES[name]
+        is_dense(self.mode)
 
 
 def is_dense(name: str) -> bool:
-    """Whether a run of mode `name` holds every activation."""
-    return mode(name).every_entry
+    """Whether a run of mode `name` holds every activation (dense tables), rather than only the
+    entries with |x| >= its floor (exceedances and stats, so thresholds must be >= the floor);
+    ConfigError naming the modes for any other name."""
+    choice("storage.mode", name, list(MODES))
+    return name == DENSE
 
 
 _KEY = [("layer", pa.int32()), ("site", pa.string())]
@@ -98,11 +78,6 @@ def dense_schema(hidden: int, values: pa.DataType) -> pa.Schema:
     return pa.schema([*SCHEMAS[TOKENS], ("act", pa.list_(values, hidden))])
 
 
-def columns(kind: str) -> list[str]:
-    """The column names of a table kind, in their stored order."""
-    return SCHEMAS[kind].names
-
-
 def table(kind: str, **values) -> pa.Table:
     """A `kind` table from one array per column (numpy or Arrow), in the schema's order and types.
 
@@ -113,13 +88,11 @@ def table(kind: str, **values) -> pa.Table:
     return pa.table([_array(values[f.name], f.type) for f in schema], schema=schema)
 
 
-def dense_table(values: np.ndarray, **tokens) -> pa.Table:
-    """A dense table: `tokens` (seq, pos, token_id) and `act` from `values` # [rows, hidden]."""
-    rows, hidden = values.shape
-    act = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), hidden)
-    schema = dense_schema(hidden, act.type.value_type)
-    token = SCHEMAS[TOKENS]
-    return pa.table([*(_array(tokens[f.name], f.type) for f in token), act], schema=schema)
+def dense_table(tokens: pa.Table, values: np.ndarray) -> pa.Table:
+    """A dense table: `tokens` (a TOKENS table, one row per real token, built once per
+    micro-batch) and `act` from `values` # [rows, hidden]."""
+    act = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    return tokens.append_column("act", act)
 
 
 def _array(values, kind: pa.DataType) -> pa.Array:
